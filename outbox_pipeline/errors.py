@@ -1,0 +1,31 @@
+"""Errors the relay raises on purpose, each with a one-line message that says what to do."""
+
+from __future__ import annotations
+
+
+class OutboxPipelineError(Exception):
+    """Base class: ``str(error)`` is a complete, user-facing, one-line message."""
+
+
+class ConfigurationError(OutboxPipelineError, ValueError):
+    """A setting or URL is missing or malformed."""
+
+
+class StoreUnavailableError(OutboxPipelineError):
+    """A store cannot be reached or refused us; retrying later may succeed."""
+
+
+class SchemaMissingError(OutboxPipelineError):
+    """The tables do not exist yet: ``outbox-pipeline init`` creates them."""
+
+
+class StoreBusyError(OutboxPipelineError):
+    """The embedded ClickHouse directory is held by another process."""
+
+
+class EventRejectedError(OutboxPipelineError, ValueError):
+    """The producer API refuses an event that could never be loaded."""
+
+
+class RetriesExhaustedError(StoreUnavailableError):
+    """A transient error persisted through every retry attempt."""

@@ -1,0 +1,277 @@
+"""Sentry configuration and start-up for the outbox pipeline.
+
+Deliberately free of Dagster imports: the Dagster hooks, sensors and the CLI
+all call :func:`init_sentry` / :func:`flush_sentry`, and so can any script.
+
+What leaves the process is limited on purpose:
+
+* no default integrations (no argv, modules list, stdlib HTTP spans ...);
+  logging only as breadcrumbs (``event_level=None``), because a failure
+  already reported by a hook would otherwise come back as a second event
+  from Dagster's own ERROR log line;
+* no frame local variables, no default PII;
+* every event, transaction, check-in, breadcrumb, metric and log passes
+  through :mod:`outbox_pipeline.monitoring.scrubbing`; the relay's event
+  payload field ``event_context`` is dropped unless explicitly allowed;
+* the HTTP transport gives up a request after the flush timeout, so a slow
+  or unreachable Sentry never holds a run longer than that.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable, Optional
+
+import sentry_sdk
+import urllib3
+from sentry_sdk.integrations.atexit import AtexitIntegration
+from sentry_sdk.integrations.dedupe import DedupeIntegration
+from sentry_sdk.integrations.logging import LoggingIntegration
+from sentry_sdk.transport import HttpTransport
+
+from outbox_pipeline.monitoring.scrubbing import SECRET_ENV_VARS, configured_secrets, scrub
+
+__all__ = [
+    "EVENT_PAYLOAD_KEY",
+    "BoundedHttpTransport",
+    "SentrySettings",
+    "default_release",
+    "flush_sentry",
+    "init_sentry",
+    "sentry_init_options",
+]
+
+logger = logging.getLogger(__name__)
+
+PACKAGE_NAME = "outbox-pipeline"
+UNKNOWN_VERSION = "0.0.0+unknown"
+# Field of a relayed outbox event that holds its (possibly personal) payload.
+EVENT_PAYLOAD_KEY = "event_context"
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+
+def default_release() -> str:
+    try:
+        version = metadata.version(PACKAGE_NAME)
+    except metadata.PackageNotFoundError:
+        version = UNKNOWN_VERSION
+    return f"{PACKAGE_NAME}@{version}"
+
+
+def _parse_bool(name: str, raw: Optional[str], default: bool) -> bool:
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name}={raw!r} is not a boolean (use 1/0, true/false, yes/no, on/off)")
+
+
+def _parse_float(name: str, raw: Optional[str], default: float) -> float:
+    if raw is None or not raw.strip():
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+
+
+@dataclass(frozen=True)
+class SentrySettings:
+    # repr=False: the DSN carries the project key; settings get logged.
+    dsn: Optional[str] = field(default=None, repr=False)
+    environment: str = "development"
+    release: str = field(default_factory=default_release)
+    debug: bool = False
+    traces_sample_rate: float = 1.0
+    send_event_payloads: bool = False
+    flush_timeout_seconds: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.traces_sample_rate <= 1.0:
+            raise ValueError(
+                f"traces_sample_rate must be within [0, 1], got {self.traces_sample_rate}"
+            )
+        if self.flush_timeout_seconds <= 0:
+            raise ValueError(
+                f"flush_timeout_seconds must be > 0, got {self.flush_timeout_seconds}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """Sentry runs only with a DSN and never in DEBUG (local development)."""
+        return bool(self.dsn) and not self.debug
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "SentrySettings":
+        dsn = (environ.get("SENTRY_CONFIG_DSN") or "").strip() or None
+        environment = (environ.get("SENTRY_CONFIG_ENVIRONMENT") or "").strip()
+        return cls(
+            dsn=dsn,
+            environment=environment or "development",
+            debug=_parse_bool("DEBUG", environ.get("DEBUG"), False),
+            traces_sample_rate=_parse_float(
+                "SENTRY_TRACES_SAMPLE_RATE", environ.get("SENTRY_TRACES_SAMPLE_RATE"), 1.0
+            ),
+            send_event_payloads=_parse_bool(
+                "SENTRY_SEND_EVENT_PAYLOADS", environ.get("SENTRY_SEND_EVENT_PAYLOADS"), False
+            ),
+            flush_timeout_seconds=_parse_float(
+                "SENTRY_FLUSH_TIMEOUT_SECONDS", environ.get("SENTRY_FLUSH_TIMEOUT_SECONDS"), 2.0
+            ),
+        )
+
+
+class BoundedHttpTransport(HttpTransport):
+    """sentry-sdk's HTTP transport with a short request timeout.
+
+    Sending happens on the SDK's background thread and ``flush`` already
+    waits at most its timeout, but the stock 30 s request timeout keeps a
+    stalled request (and everything queued behind it) alive long after the
+    flush gave up. Bounding each request by the flush budget keeps the
+    queue moving; connection errors get a single quick retry.
+    """
+
+    TIMEOUT: float = 2.0
+
+    @classmethod
+    def with_timeout(cls, seconds: float) -> type["BoundedHttpTransport"]:
+        # The SDK instantiates the transport class itself (with its options),
+        # so the timeout travels as a class attribute of a subclass.
+        return type(cls.__name__, (cls,), {"TIMEOUT": float(seconds)})
+
+    def _get_pool_options(self) -> dict[str, Any]:
+        options = super()._get_pool_options()
+        options["timeout"] = urllib3.Timeout(total=self.TIMEOUT)
+        options["retries"] = urllib3.Retry(total=1, read=0, redirect=0, status=0)
+        return options
+
+
+@functools.lru_cache(maxsize=16)
+def _secrets_for(values: tuple[Optional[str], ...]) -> tuple[str, ...]:
+    return configured_secrets({}, extra=values)
+
+
+def _current_secrets(settings: SentrySettings) -> tuple[str, ...]:
+    # Read the environment on every call: the brief is "current values", and
+    # tests / the CLI may set these after Sentry started. Cached per values.
+    values = tuple(os.environ.get(name) for name in SECRET_ENV_VARS) + (settings.dsn,)
+    return _secrets_for(values)
+
+
+def _make_scrubber(settings: SentrySettings) -> Callable[[Any], Any]:
+    drop_keys = () if settings.send_event_payloads else (EVENT_PAYLOAD_KEY,)
+
+    def scrub_payload(payload: Any) -> Any:
+        return scrub(payload, _current_secrets(settings), drop_keys=drop_keys)
+
+    return scrub_payload
+
+
+def sentry_init_options(settings: SentrySettings) -> dict[str, Any]:
+    """Keyword arguments for ``sentry_sdk.init`` for these settings."""
+    scrub_payload = _make_scrubber(settings)
+
+    def before_send(event: Any, hint: Any) -> Any:
+        # Errors, messages and (in sentry-sdk 2.x) cron check-ins.
+        return scrub_payload(event)
+
+    def before_send_transaction(event: Any, hint: Any) -> Any:
+        return scrub_payload(event)
+
+    def before_breadcrumb(crumb: Any, hint: Any) -> Any:
+        return scrub_payload(crumb)
+
+    def before_send_metric(metric: Any, hint: Any) -> Any:
+        # trace_metric items bypass before_send; this is their only hook.
+        return scrub_payload(metric)
+
+    def before_send_log(log: Any, hint: Any) -> Any:
+        # Only relevant if enable_logs is ever switched on.
+        return scrub_payload(log)
+
+    timeout = settings.flush_timeout_seconds
+    return {
+        "dsn": settings.dsn,
+        "environment": settings.environment,
+        "release": settings.release,
+        "default_integrations": False,
+        "integrations": [
+            LoggingIntegration(level=logging.INFO, event_level=None),
+            # Bounded flush at interpreter exit (default_integrations=False
+            # would otherwise drop whatever is still queued), without the
+            # "Sentry is attempting to send ..." message on stderr.
+            AtexitIntegration(callback=lambda pending, timeout: None),
+            # The same exception object is reported once, whoever captures it.
+            DedupeIntegration(),
+        ],
+        "send_default_pii": False,
+        "include_local_variables": False,
+        "traces_sample_rate": settings.traces_sample_rate,
+        "before_send": before_send,
+        "before_send_transaction": before_send_transaction,
+        "before_breadcrumb": before_breadcrumb,
+        "before_send_metric": before_send_metric,
+        "before_send_log": before_send_log,
+        "shutdown_timeout": timeout,
+        # Never shorter than 1 s: a sub-second flush budget must not make
+        # every ordinary request to Sentry fail.
+        "transport": BoundedHttpTransport.with_timeout(max(timeout, 1.0)),
+    }
+
+
+_lock = threading.Lock()
+# (settings, client) of the last init_sentry() call that started Sentry.
+_started: Optional[tuple[SentrySettings, Any]] = None
+
+
+def init_sentry(settings: Optional[SentrySettings] = None) -> bool:
+    """Start Sentry if enabled; return whether it is running.
+
+    Idempotent: with the same settings and our client still installed it
+    does nothing. After the SDK was reset (or another client installed) it
+    initializes again; with different settings it replaces its own client.
+    """
+    global _started
+    if settings is None:
+        settings = SentrySettings.from_env()
+    if not settings.enabled:
+        return False
+    with _lock:
+        client = sentry_sdk.get_client()
+        if _started is not None and _started[1] is client and client.is_active():
+            if _started[0] == settings:
+                return True
+            # Replacing our own client: deliver what it holds, bounded.
+            client.close(timeout=_started[0].flush_timeout_seconds)
+        sentry_sdk.init(**sentry_init_options(settings))
+        _started = (settings, sentry_sdk.get_client())
+    return True
+
+
+def flush_sentry(timeout: Optional[float] = None) -> None:
+    """Send queued Sentry data, waiting at most ``timeout`` seconds (default:
+    the configured flush timeout). A no-op when Sentry is not running."""
+    client = sentry_sdk.get_client()
+    if not client.is_active():
+        return
+    if timeout is None:
+        started = _started
+        if started is not None and started[1] is client:
+            timeout = started[0].flush_timeout_seconds
+        else:
+            timeout = float(client.options.get("shutdown_timeout") or 2.0)
+    try:
+        sentry_sdk.flush(timeout=timeout)
+    except Exception:  # monitoring must never fail the caller
+        logger.debug("Sentry flush failed", exc_info=True)

@@ -1,0 +1,216 @@
+"""The relay itself: claim a batch, load it into ClickHouse, mark it processed.
+
+Framework-free, so the Dagster ops, the low-latency loop, the command line and
+the benchmark run exactly the same code.
+
+Exactly once, in three steps:
+
+1. *Claim* fixes the batch's membership in PostgreSQL (a key range, or a list of
+   events due for a retry) before anything is inserted.
+2. *Load* inserts the batch with a ClickHouse deduplication token derived from
+   that membership. Whoever loads the batch again (a retry, a run that takes over
+   an expired lease, a zombie) sends the same rows under the same token, and
+   ClickHouse keeps one copy.
+3. *Mark* flips one row: the batch is done. Events that ClickHouse rejected are
+   recorded for a retry in the same transaction.
+
+A rejected batch is bisected to isolate the bad events; each split is persisted
+before its halves are inserted, so a retried run inserts the very same blocks.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Callable
+
+from outbox_pipeline.errors import OutboxPipelineError
+from outbox_pipeline.retrying import RetryPolicy, call_with_retries
+from outbox_pipeline.settings import RelaySettings
+from outbox_pipeline.stores.clickhouse_connection import ErrorKind, classify_clickhouse_error
+from outbox_pipeline.stores.event_log_store import EventLogStore
+from outbox_pipeline.stores.outbox_store import BatchHandle, OutboxStore, RejectedEvent
+
+RetryCallback = Callable[[str, int, BaseException, float], None]
+
+
+class TooManyRejectedEventsError(OutboxPipelineError):
+    """So many events of one batch were rejected that the cause is the table or server, not the events."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RelayPolicy:
+    batch_size: int = 20_000
+    lease_seconds: float = 300.0
+    max_event_attempts: int = 5
+    event_retry_base_seconds: float = 30.0
+    max_rejected_per_batch: int = 100
+    retry: RetryPolicy = RetryPolicy()
+
+    @classmethod
+    def from_settings(cls, settings: RelaySettings, **overrides) -> "RelayPolicy":
+        values = dict(
+            batch_size=settings.batch_size,
+            lease_seconds=settings.lease_seconds,
+            max_event_attempts=settings.max_event_attempts,
+            event_retry_base_seconds=settings.event_retry_base_seconds,
+            retry=RetryPolicy(settings.transient_retry_attempts, settings.transient_retry_base_seconds),
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadResult:
+    batch_id: int
+    kind: str
+    row_count: int
+    loaded_rows: int
+    rejected: tuple[RejectedEvent, ...]
+    inserts: int
+    seconds: float
+    lease_lost: bool = False
+
+
+@dataclasses.dataclass
+class RunTotals:
+    batches: int = 0
+    events_loaded: int = 0
+    events_rejected: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+
+    def add(self, result: LoadResult) -> None:
+        self.batches += 1
+        self.events_loaded += result.loaded_rows
+        self.events_rejected += len(result.rejected)
+
+
+class Relay:
+    def __init__(
+        self,
+        outbox: OutboxStore,
+        event_log: EventLogStore,
+        policy: RelayPolicy,
+        *,
+        claimed_by: str,
+        on_retry: RetryCallback | None = None,
+    ):
+        self.outbox = outbox
+        self.event_log = event_log
+        self.policy = policy
+        self.claimed_by = claimed_by
+        self.retries = 0
+        self._on_retry = on_retry
+
+    # -- the three steps ------------------------------------------------------------------
+
+    def claim(self) -> BatchHandle | None:
+        return self._postgres(
+            "claiming a batch",
+            lambda: self.outbox.claim_next_batch(
+                claimed_by=self.claimed_by, batch_size=self.policy.batch_size, lease_seconds=self.policy.lease_seconds
+            ),
+        )
+
+    def load(self, handle: BatchHandle) -> LoadResult:
+        started = time.perf_counter()
+        if not self._postgres("renewing the lease", lambda: self.outbox.renew_lease(handle, self.policy.lease_seconds)):
+            return LoadResult(handle.batch_id, handle.kind, handle.row_count, 0, (), 0, 0.0, lease_lost=True)
+        split_points = self._postgres("reading the batch's blocks", lambda: self.outbox.current_split_points(handle))
+        bounds = [0, *[p for p in split_points if 0 < p < handle.row_count], handle.row_count]
+        work = collections.deque(zip(bounds, bounds[1:]))
+        rejected: list[RejectedEvent] = []
+        inserts = 0
+        while work:
+            start, stop = work.popleft()
+            if inserts and not self._postgres("renewing the lease", lambda: self.outbox.renew_lease(handle, self.policy.lease_seconds)):
+                return LoadResult(handle.batch_id, handle.kind, handle.row_count, 0, (), inserts, time.perf_counter() - started, lease_lost=True)
+            try:
+                inserts += 1
+                self._insert_block(handle, start, stop)
+            except Exception as exc:
+                if classify_clickhouse_error(exc) is not ErrorKind.REJECTED_DATA:
+                    raise
+                if stop - start > 1:
+                    middle = (start + stop) // 2
+                    self._postgres("recording a split", lambda: self.outbox.record_split(handle, middle))
+                    work.extendleft([(middle, stop), (start, middle)])
+                    continue
+                [(outbox_id, event_id)] = self._postgres(
+                    "identifying a rejected event", lambda: self.outbox.read_block_identities(handle, start, stop)
+                )
+                rejected.append(RejectedEvent(start, outbox_id, event_id, _one_line(exc)))
+                if len(rejected) > self.policy.max_rejected_per_batch:
+                    raise TooManyRejectedEventsError(
+                        f"ClickHouse rejected more than {self.policy.max_rejected_per_batch} events of batch {handle.batch_id} "
+                        f"({_one_line(exc)[:300]}); that points at the event_log table or the server, not the events: "
+                        "fix it and rerun, every event is still pending"
+                    ) from exc
+        return LoadResult(
+            handle.batch_id,
+            handle.kind,
+            handle.row_count,
+            handle.row_count - len(rejected),
+            tuple(rejected),
+            inserts,
+            time.perf_counter() - started,
+        )
+
+    def mark(self, result: LoadResult, handle: BatchHandle) -> bool:
+        if result.lease_lost:
+            return False
+        return self._postgres(
+            "marking the batch processed",
+            lambda: self.outbox.complete_batch(
+                handle,
+                result.rejected,
+                max_attempts=self.policy.max_event_attempts,
+                retry_base_seconds=self.policy.event_retry_base_seconds,
+            ),
+        )
+
+    def release(self, handle: BatchHandle) -> None:
+        self._postgres("releasing the batch", lambda: self.outbox.release_batch(handle))
+
+    # -- loops ------------------------------------------------------------------------------
+
+    def drain(self, *, max_batches: int | None = None, deadline: float | None = None) -> RunTotals:
+        """Claim, load and mark until there is no work, or a limit is reached."""
+        totals = RunTotals()
+        started = time.perf_counter()
+        while max_batches is None or totals.batches < max_batches:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            handle = self.claim()
+            if handle is None:
+                break
+            result = self.load(handle)
+            self.mark(result, handle)
+            totals.add(result)
+        totals.retries = self.retries
+        totals.seconds = time.perf_counter() - started
+        return totals
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _insert_block(self, handle: BatchHandle, start: int, stop: int) -> None:
+        csv_block = self._postgres("reading the batch", lambda: self.outbox.read_block_csv(handle, start, stop))
+        token = handle.deduplication_token(start, stop)
+        self._with_retries("inserting into ClickHouse", lambda: self.event_log.insert_csv(csv_block, deduplication_token=token))
+
+    def _postgres(self, what: str, fn):
+        return self._with_retries(f"{what} in PostgreSQL", fn, before_retry=lambda exc: self.outbox.reconnect())
+
+    def _with_retries(self, what: str, fn, before_retry=None):
+        return call_with_retries(what, fn, self.policy.retry, on_retry=self._count_retry, before_retry=before_retry)
+
+    def _count_retry(self, what: str, attempt: int, exc: BaseException, delay: float) -> None:
+        self.retries += 1
+        if self._on_retry is not None:
+            self._on_retry(what, attempt, exc, delay)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__

