@@ -9,7 +9,7 @@ What leaves the process is limited on purpose:
   logging only as breadcrumbs (``event_level=None``), because a failure
   already reported by a hook would otherwise come back as a second event
   from Dagster's own ERROR log line;
-* no frame local variables, no default PII;
+* no frame local variables, no default PII (see ``sentry_init_options``);
 * every event, transaction, check-in, breadcrumb, metric and log passes
   through :mod:`outbox_pipeline.monitoring.scrubbing`; the relay's event
   payload field ``event_context`` is dropped unless explicitly allowed;
@@ -163,8 +163,8 @@ def _secrets_for(values: tuple[Optional[str], ...]) -> tuple[str, ...]:
 
 
 def _current_secrets(settings: SentrySettings) -> tuple[str, ...]:
-    # Read the environment on every call: the brief is "current values", and
-    # tests / the CLI may set these after Sentry started. Cached per values.
+    # Read on every call so secrets configured after start-up (CLI, tests)
+    # are covered; the parsing is cached per distinct set of values.
     values = tuple(os.environ.get(name) for name in SECRET_ENV_VARS) + (settings.dsn,)
     return _secrets_for(values)
 
@@ -215,7 +215,11 @@ def sentry_init_options(settings: SentrySettings) -> dict[str, Any]:
             # The same exception object is reported once, whoever captures it.
             DedupeIntegration(),
         ],
-        "send_default_pii": False,
+        # No default PII. sentry-sdk 2.75 deprecates `send_default_pii`
+        # (a DeprecationWarning even for False) in favour of `data_collection`;
+        # leaving both unset resolves exactly like send_default_pii=False and
+        # keeps the SDK's default EventScrubber, which an explicit
+        # `data_collection` would switch off.
         "include_local_variables": False,
         "traces_sample_rate": settings.traces_sample_rate,
         "before_send": before_send,

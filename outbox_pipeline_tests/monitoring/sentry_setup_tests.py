@@ -8,6 +8,7 @@ import json
 import logging
 import time
 import urllib.request
+import warnings
 import zlib
 
 import pytest
@@ -24,6 +25,7 @@ from outbox_pipeline.monitoring.scrubbing import (
     secret_parts,
 )
 from outbox_pipeline.monitoring.sentry_setup import (
+    BoundedHttpTransport,
     SentrySettings,
     flush_sentry,
     init_sentry,
@@ -187,6 +189,24 @@ def test_init_from_environment_sends(recorder: SentryRecorder, monkeypatch) -> N
     assert recorder.envelopes[0].content_encoding in ("gzip", "br")
 
 
+def test_init_options_limit_collected_data(recorder: SentryRecorder) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        assert init_sentry(settings_for(recorder.dsn)) is True
+    options = sentry_sdk.get_client().options
+    assert options["default_integrations"] is False
+    assert set(sentry_sdk.get_client().integrations) == {"logging", "atexit", "dedupe"}
+    # send_default_pii left unset resolves to "no PII"; frame vars are off.
+    assert options["send_default_pii"] is None
+    assert options["data_collection"]["user_info"] is False
+    assert options["data_collection"]["stack_frame_variables"] is False
+    assert options["include_local_variables"] is False
+    assert options["event_scrubber"] is not None
+    assert options["shutdown_timeout"] == 2.0
+    transport = sentry_sdk.get_client().transport
+    assert isinstance(transport, BoundedHttpTransport) and transport.TIMEOUT == 2.0
+
+
 def test_init_is_idempotent_and_works_again_after_reset(recorder: SentryRecorder) -> None:
     settings = settings_for(recorder.dsn)
     assert init_sentry(settings) is True
@@ -222,7 +242,8 @@ def test_flush_is_safe_without_init(reset_sentry: None) -> None:  # noqa: F811
 # -- scrubbing through the real transport --------------------------------------
 
 
-def test_exception_and_log_breadcrumb_are_redacted(recorder: SentryRecorder) -> None:
+def test_exception_and_log_breadcrumb_are_redacted(recorder: SentryRecorder, caplog) -> None:
+    caplog.set_level(logging.INFO, logger=log.name)  # root defaults to WARNING
     assert init_sentry(settings_for(recorder.dsn)) is True
 
     log.info("connecting to %s", DB_URL)
@@ -255,8 +276,9 @@ def test_exception_and_log_breadcrumb_are_redacted(recorder: SentryRecorder) -> 
 
 
 def test_configured_secret_values_are_redacted_anywhere(
-    recorder: SentryRecorder, monkeypatch
+    recorder: SentryRecorder, monkeypatch, caplog
 ) -> None:
+    caplog.set_level(logging.INFO, logger=log.name)
     # Secrets that do not look like a URL password in the message itself.
     monkeypatch.setenv("OUTBOX_DATABASE_URL", "host=db user=app password='Pw0rd with space'")
     monkeypatch.setenv("CLICKHOUSE_URL", "http://default:Ch%40ckH0use@ch:8123/")
@@ -270,6 +292,8 @@ def test_configured_secret_values_are_redacted_anywhere(
     assert event["exception"]["values"][0]["value"] == (
         f"server said: {FILTERED} rejected; dsn {FILTERED}"
     )
+    [crumb] = event["breadcrumbs"]["values"]
+    assert crumb["message"] == f"bad credentials: {FILTERED} / {FILTERED}"
     assert_no_leak(recorder, "Pw0rd with space", "Ch@ckH0use", "Ch%40ckH0use", PUBLIC_KEY)
 
 
@@ -373,8 +397,12 @@ def test_slow_sentry_does_not_block_flush_beyond_timeout(recorder: SentryRecorde
 
     assert captured < 0.5, "capturing must not wait for the network"
     assert flushed < 1.0 + 0.75, f"flush took {flushed:.2f}s"
-    # The server did get the first envelope; it is only slow to answer.
-    recorder.wait_for(lambda r: r.payloads("event"), timeout=2)
+    # The server got the first envelope and is only slow to answer. The
+    # transport gives up on that request after the flush timeout instead of
+    # the SDK's stock 30 s, so the second envelope follows well before the
+    # server would have answered.
+    recorder.wait_for(lambda r: len(r.payloads("event")) >= 2, timeout=3)
+    assert time.monotonic() - started < 5
 
     # A later flush is bounded as well, even while the server still stalls.
     started = time.monotonic()

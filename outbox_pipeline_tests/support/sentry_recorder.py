@@ -237,7 +237,30 @@ class _RecorderHTTPServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], recorder: "SentryRecorder") -> None:
         self.recorder = recorder
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    # The SDK's urllib3 pool keeps connections alive; track them so stop()
+    # can end their handler threads instead of leaving them blocked on read.
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        with self._connections_lock:
+            connections = list(self._connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class SentryRecorder:
@@ -301,6 +324,7 @@ class SentryRecorder:
         self._stopping.set()  # wakes handlers sleeping for delay_seconds
         server.shutdown()
         server.server_close()
+        server.close_connections()
         if thread is not None:
             thread.join(timeout=5)
         self._server = self._thread = None

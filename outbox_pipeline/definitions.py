@@ -1,0 +1,39 @@
+"""The code location: every job, sensor, schedule and resource of the project."""
+
+import os
+
+import dagster as dg
+
+from outbox_pipeline.jobs import process_outbox_events
+from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor
+from outbox_pipeline.monitoring.sentry_setup import init_sentry
+from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
+from outbox_pipeline.sensors import outbox_pending_sensor
+from outbox_pipeline.settings import RelaySettings
+
+# Sensors run in the code server: start Sentry there too (a no-op without a DSN).
+init_sentry()
+
+_settings = RelaySettings.from_env()
+
+
+def build_resources(settings: RelaySettings | None = None) -> dict:
+    settings = settings or RelaySettings.from_env()
+    # EnvVar keeps the URL (and its password) out of the UI; None selects the embedded server.
+    return {
+        "outbox": OutboxDatabaseResource(
+            url=dg.EnvVar("OUTBOX_DATABASE_URL") if settings.outbox_database_url else None,
+            state_dir=str(settings.state_dir),
+        ),
+        "clickhouse": ClickHouseResource(
+            url=dg.EnvVar("CLICKHOUSE_URL") if os.environ.get("CLICKHOUSE_URL") else settings.clickhouse_url
+        ),
+        "monitor": RelayRunMonitor(),
+    }
+
+
+defs = dg.Definitions(
+    jobs=[process_outbox_events],
+    sensors=[outbox_pending_sensor],
+    resources=build_resources(_settings),
+)

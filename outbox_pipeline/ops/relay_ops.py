@@ -1,0 +1,155 @@
+"""Ops of ``process_outbox_events``: extract batches, load each into ClickHouse, mark each processed.
+
+Only small handles travel between ops (through the IO manager); the rows go
+straight from PostgreSQL's COPY into the ClickHouse insert inside ``load_batch``.
+"""
+
+import dataclasses
+import time
+
+import dagster as dg
+
+from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor
+from outbox_pipeline.relay import LoadResult, Relay, RelayPolicy
+from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
+from outbox_pipeline.run_config import RelayRunConfig
+from outbox_pipeline.settings import RelaySettings
+from outbox_pipeline.stores.outbox_store import BatchHandle
+
+EVENT_LOG_ASSET = dg.AssetKey("event_log")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimedBatch:
+    handle: BatchHandle
+    deadline: float  # wall-clock time after which the run loads no more batches
+
+
+@dataclasses.dataclass(frozen=True)
+class MarkedBatch:
+    batch_id: int
+    row_count: int
+    loaded_rows: int
+    rejected_rows: int
+    seconds: float
+    marked: bool
+    released: bool
+
+
+def build_relay(context: dg.OpExecutionContext, outbox: OutboxDatabaseResource, clickhouse: ClickHouseResource | None,
+                monitor: RelayRunMonitor, batch_size: int | None = None) -> Relay:
+    settings = RelaySettings.from_env()
+    policy = RelayPolicy.from_settings(settings, **({"batch_size": batch_size} if batch_size else {}))
+    return Relay(
+        outbox.store(),
+        clickhouse.store() if clickhouse is not None else None,
+        policy,
+        claimed_by=context.run_id,
+        on_retry=monitor.on_retry,
+    )
+
+
+@dg.op(out=dg.DynamicOut(ClaimedBatch), description="Claim pending outbox batches for this run (extract).")
+def extract_outbox_batches(
+    context: dg.OpExecutionContext, config: RelayRunConfig, outbox: OutboxDatabaseResource, monitor: RelayRunMonitor
+):
+    relay = build_relay(context, outbox, None, monitor, config.batch_size)
+    deadline = time.time() + config.max_seconds
+    counts = outbox.store().counts()
+    monitor.set_data(batch_size=config.batch_size, queue_size_before=counts.pending, batches=0, events_processed=0, events_failed=0)
+    monitor.gauge("outbox.queue_size", counts.pending)
+    context.log.info(f"{counts.pending} events pending; claiming up to {config.max_batches} batches of {config.batch_size}")
+    claimed = 0
+    while claimed < config.max_batches:
+        with monitor.span("extract", "claim outbox batch") as span:
+            handle = relay.claim()
+            if span is not None and handle is not None:
+                span.set_data("batch_id", handle.batch_id)
+                span.set_data("batch_size", handle.row_count)
+        if handle is None:
+            break
+        claimed += 1
+        yield dg.DynamicOutput(ClaimedBatch(handle, deadline), mapping_key=f"batch_{handle.batch_id}")
+    context.log.info(f"claimed {claimed} batches")
+
+
+@dg.op(description="Insert one claimed batch into ClickHouse, idempotently; isolates events ClickHouse rejects.")
+def load_batch(
+    context: dg.OpExecutionContext,
+    claimed: ClaimedBatch,
+    outbox: OutboxDatabaseResource,
+    clickhouse: ClickHouseResource,
+    monitor: RelayRunMonitor,
+) -> LoadResult:
+    handle = claimed.handle
+    relay = build_relay(context, outbox, clickhouse, monitor)
+    if time.time() >= claimed.deadline:
+        relay.release(handle)
+        context.log.info(f"run time limit reached: batch {handle.batch_id} released for the next run")
+        return LoadResult(handle.batch_id, handle.kind, handle.row_count, 0, (), 0, 0.0, lease_lost=True)
+    try:
+        with monitor.span("load", "insert batch into ClickHouse", batch_id=handle.batch_id, batch_size=handle.row_count):
+            result = relay.load(handle)
+    except Exception:
+        # Give the batch back at once rather than after the lease: the next run retries it.
+        try:
+            relay.release(handle)
+        except Exception:
+            context.log.warning(f"could not release batch {handle.batch_id}; it is retaken when its lease expires")
+        raise
+    for event in result.rejected:
+        context.log.warning(f"ClickHouse rejected event {event.event_id}: {event.error[:500]}")
+    monitor.distribution("outbox.batch_processing_time", result.seconds, unit="second")
+    return result
+
+
+@dg.op(description="Mark a loaded batch processed and record rejected events for retry, in one transaction.")
+def mark_batch_processed(
+    context: dg.OpExecutionContext,
+    claimed: ClaimedBatch,
+    loaded: LoadResult,
+    outbox: OutboxDatabaseResource,
+    monitor: RelayRunMonitor,
+) -> MarkedBatch:
+    relay = build_relay(context, outbox, None, monitor)
+    with monitor.span("mark", "mark batch processed", batch_id=loaded.batch_id):
+        marked = relay.mark(loaded, claimed.handle)
+    if marked:
+        monitor.add_data(batches=1, events_processed=loaded.loaded_rows, events_failed=len(loaded.rejected))
+        monitor.count("outbox.events_processed", loaded.loaded_rows)
+        if loaded.rejected:
+            monitor.count("outbox.events_failed", len(loaded.rejected))
+    elif not loaded.lease_lost:
+        context.log.info(f"batch {loaded.batch_id} was finished by another run")
+    return MarkedBatch(
+        loaded.batch_id, loaded.row_count, loaded.loaded_rows if marked else 0, len(loaded.rejected) if marked else 0,
+        loaded.seconds, marked, loaded.lease_lost,
+    )
+
+
+@dg.op(description="Record what the run did as metadata of the event_log asset.")
+def report_relay_run(
+    context: dg.OpExecutionContext, batches: list[MarkedBatch], outbox: OutboxDatabaseResource, monitor: RelayRunMonitor
+) -> dg.Output[dict]:
+    stats = context.instance.get_run_stats(context.run_id)
+    duration = max(time.time() - (stats.start_time or time.time()), 1e-6)
+    loaded = sum(b.loaded_rows for b in batches)
+    counts = outbox.store().counts()
+    lag = counts.oldest_pending_age_seconds or 0.0
+    monitor.set_data(queue_size_after=counts.pending)
+    monitor.gauge("outbox.queue_size", counts.pending)
+    monitor.gauge("outbox.oldest_pending_age", lag, unit="second")
+    metadata = {
+        "events_loaded": dg.MetadataValue.int(loaded),
+        "events_rejected": dg.MetadataValue.int(sum(b.rejected_rows for b in batches)),
+        "batches": dg.MetadataValue.int(sum(1 for b in batches if b.marked)),
+        "batches_released": dg.MetadataValue.int(sum(1 for b in batches if b.released)),
+        "duration_seconds": dg.MetadataValue.float(round(duration, 3)),
+        "events_per_second": dg.MetadataValue.float(round(loaded / duration, 1)),
+        "queue_size": dg.MetadataValue.int(counts.pending),
+        "oldest_pending_age_seconds": dg.MetadataValue.float(round(lag, 3)),
+        "failed_events": dg.MetadataValue.int(counts.failed),
+    }
+    if loaded:
+        context.log_event(dg.AssetMaterialization(asset_key=EVENT_LOG_ASSET, metadata=metadata))
+    return dg.Output({key: value.value for key, value in metadata.items()}, metadata=metadata)
