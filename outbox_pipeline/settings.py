@@ -67,6 +67,7 @@ class RelaySettings:
     retention_days: int
     replay_start_date: str
     low_latency: bool
+    clickhouse_busy_wait_seconds: float
 
     @property
     def uses_embedded_postgres(self) -> bool:
@@ -122,4 +123,7 @@ class RelaySettings:
             retention_days=_parse_number("OUTBOX_RETENTION_DAYS", env.get("OUTBOX_RETENTION_DAYS"), 30, int, 1),
             replay_start_date=env.get("OUTBOX_REPLAY_START_DATE") or "2026-01-01",
             low_latency=parse_bool("OUTBOX_LOW_LATENCY", env.get("OUTBOX_LOW_LATENCY"), False),
+            clickhouse_busy_wait_seconds=_parse_number(
+                "OUTBOX_CLICKHOUSE_BUSY_WAIT_SECONDS", env.get("OUTBOX_CLICKHOUSE_BUSY_WAIT_SECONDS"), 10.0, float, 0.0
+            ),
         )

@@ -52,8 +52,11 @@ def validate_postgres_url(url: str, variable: str = "OUTBOX_DATABASE_URL") -> No
         raise ConfigurationError(f"{variable} has an invalid port; expected postgresql://user:password@host:5432/dbname")
 
 
-def embedded_postgres_url(state_dir: Path) -> str:
-    """Start (or reuse) the embedded PostgreSQL server under ``state_dir`` and return its URL."""
+def embedded_postgres_url(state_dir: Path, *, delete_on_exit: bool = False) -> str:
+    """Start (or reuse) the embedded PostgreSQL server under ``state_dir`` and return its URL.
+
+    The server stops when the last process of ours that uses it exits.
+    """
     # Imported lazily: only the embedded mode needs it, and it probes the platform at import.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     import warnings
@@ -64,7 +67,7 @@ def embedded_postgres_url(state_dir: Path) -> str:
 
     state_dir.mkdir(parents=True, exist_ok=True)
     try:
-        server = get_server(state_dir)
+        server = get_server(state_dir, cleanup_mode="delete" if delete_on_exit else "stop")
     except Exception as exc:  # the package raises plain subprocess/assertion errors
         raise StoreUnavailableError(
             f"could not start the embedded PostgreSQL server in {state_dir} ({type(exc).__name__}: {exc}); "

@@ -1,0 +1,240 @@
+"""The `outbox-pipeline` command: init, demo, status, relay, requeue.
+
+Every expected failure ends in one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+
+import psycopg
+
+from outbox_pipeline.errors import OutboxPipelineError
+from outbox_pipeline.settings import RelaySettings
+from outbox_pipeline.stores.clickhouse_connection import translate_clickhouse_error
+from outbox_pipeline.stores.event_log_store import EventLogStore
+from outbox_pipeline.stores.outbox_store import OutboxStore
+from outbox_pipeline.stores.postgres_connection import (
+    connect_postgres,
+    postgres_errors_translated,
+    resolve_outbox_database_url,
+)
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class _Stores:
+    """Opens each store on first use and closes what it opened."""
+
+    def __init__(self, settings: RelaySettings):
+        self.settings = settings
+        self.outbox_url = resolve_outbox_database_url(settings)
+        self._outbox: OutboxStore | None = None
+        self._event_log: EventLogStore | None = None
+
+    def outbox(self) -> OutboxStore:
+        if self._outbox is None:
+            self._outbox = OutboxStore.connect(self.outbox_url)
+        return self._outbox
+
+    def event_log(self) -> EventLogStore:
+        if self._event_log is None:
+            try:
+                self._event_log = EventLogStore.connect(self.settings.clickhouse_url, busy_wait_seconds=self.settings.clickhouse_busy_wait_seconds)
+            except OutboxPipelineError:
+                raise
+            except Exception as exc:
+                raise translate_clickhouse_error(exc, self.settings.clickhouse_url) from None
+        return self._event_log
+
+    def close(self) -> None:
+        for store in (self._outbox, self._event_log):
+            if store is not None:
+                store.close()
+
+
+def cmd_init(stores: _Stores, args: argparse.Namespace) -> int:
+    stores.outbox().migrate()
+    _clickhouse(stores, lambda: stores.event_log().migrate())
+    print(f"outbox tables ready in PostgreSQL; event_log ready in ClickHouse ({_clickhouse_where(stores.settings)})")
+    return 0
+
+
+def cmd_demo(stores: _Stores, args: argparse.Namespace) -> int:
+    from outbox_pipeline.demo_events import sample_events
+    from outbox_pipeline.producer import publish_many
+
+    stores.outbox().check_schema()
+    events = sample_events(args.count)
+    chunk = 10_000 if not args.rate else max(1, min(1_000, int(args.rate // 10) or 1))
+    published = 0
+    started = time.monotonic()
+    with connect_postgres(stores.outbox_url, autocommit=False, application_name="outbox_pipeline demo") as conn:
+        while published < args.count:
+            batch = list(itertools.islice(events, chunk))
+            with conn.transaction():
+                published += publish_many(conn, batch)
+            if args.rate:
+                # Pace to the requested rate, whatever each transaction took.
+                ahead = published / args.rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+    elapsed = time.monotonic() - started
+    print(f"published {published} events in {elapsed:.2f}s ({published / max(elapsed, 1e-9):.0f} events/s)")
+    return 0
+
+
+def cmd_status(stores: _Stores, args: argparse.Namespace) -> int:
+    outbox = stores.outbox()
+    outbox.check_schema()
+    counts = outbox.counts()
+    rows, distinct = _clickhouse(stores, lambda: stores.event_log().counts())
+    report = {
+        "pending": counts.pending,
+        "processed": counts.processed,
+        "failed": counts.failed,
+        "oldest_pending_age_seconds": round(counts.oldest_pending_age_seconds, 3) if counts.oldest_pending_age_seconds is not None else None,
+        "clickhouse_rows": rows,
+        "clickhouse_distinct_event_ids": distinct,
+        "in_flight": counts.in_flight,
+        "retrying": counts.retrying,
+    }
+    warning = outbox.check_xid_horizon()
+    if args.json:
+        print(json.dumps(report))
+    else:
+        width = max(len(key) for key in report)
+        for key, value in report.items():
+            print(f"{key:<{width}}  {value if value is not None else '-'}")
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def cmd_relay(stores: _Stores, args: argparse.Namespace) -> int:
+    """Drain the outbox once, outside Dagster (for scripts and debugging)."""
+    import os
+    import socket
+
+    from outbox_pipeline.relay import Relay, RelayPolicy
+
+    policy = RelayPolicy.from_settings(stores.settings, **({"batch_size": args.batch_size} if args.batch_size else {}))
+    relay = Relay(stores.outbox(), _clickhouse(stores, stores.event_log), policy, claimed_by=f"cli:{socket.gethostname()}:{os.getpid()}")
+    totals = relay.drain(max_batches=args.max_batches)
+    rate = totals.events_loaded / totals.seconds if totals.seconds else 0.0
+    print(
+        f"loaded {totals.events_loaded} events in {totals.batches} batches in {totals.seconds:.2f}s "
+        f"({rate:.0f} events/s); {totals.events_rejected} rejected, {totals.retries} retries"
+    )
+    return 0
+
+
+def cmd_requeue(stores: _Stores, args: argparse.Namespace) -> int:
+    if not (args.event_ids or args.event_type or args.all):
+        print("outbox-pipeline: error: name event ids, --event-type or --all", file=sys.stderr)
+        return EXIT_USAGE
+    count = stores.outbox().requeue_failed(event_ids=args.event_ids, event_type=args.event_type, all_failed=args.all)
+    print(f"requeued {count} failed events")
+    return 0
+
+
+def _clickhouse(stores: _Stores, fn: Callable):
+    try:
+        return fn()
+    except OutboxPipelineError:
+        raise
+    except Exception as exc:
+        raise translate_clickhouse_error(exc, stores.settings.clickhouse_url) from None
+
+
+def _clickhouse_where(settings: RelaySettings) -> str:
+    from outbox_pipeline.stores.clickhouse_connection import describe_clickhouse_url
+
+    return describe_clickhouse_url(settings.clickhouse_url)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="outbox-pipeline", description="PostgreSQL outbox to ClickHouse relay.")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of unexpected errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("init", help="create the outbox and event_log tables (idempotent)").set_defaults(handler=cmd_init)
+
+    demo = commands.add_parser("demo", help="publish sample events through the producer API")
+    demo.add_argument("--count", type=_positive_int, default=1_000, help="how many events (default 1000)")
+    demo.add_argument("--rate", type=_positive_float, default=None, help="events per second (default: as fast as possible)")
+    demo.set_defaults(handler=cmd_demo)
+
+    status = commands.add_parser("status", help="counts of pending, processed and failed events, and ClickHouse rows")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(handler=cmd_status)
+
+    relay = commands.add_parser("relay", help="drain the outbox once without Dagster")
+    relay.add_argument("--batch-size", type=_positive_int, default=None)
+    relay.add_argument("--max-batches", type=_positive_int, default=None)
+    relay.set_defaults(handler=cmd_relay)
+
+    requeue = commands.add_parser("requeue", help="put failed events back in line for delivery")
+    requeue.add_argument("event_ids", nargs="*", help="event ids (UUIDs)")
+    requeue.add_argument("--event-type", default=None)
+    requeue.add_argument("--all", action="store_true")
+    requeue.set_defaults(handler=cmd_requeue)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    # clickhouse-connect logs its own copy of errors we report in one line.
+    logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    stores = None
+    try:
+        settings = RelaySettings.from_env()
+        stores = _Stores(settings)
+        with postgres_errors_translated(stores.outbox_url):
+            return args.handler(stores, args)
+    except OutboxPipelineError as exc:
+        print(f"outbox-pipeline: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except psycopg.Error as exc:
+        print(f"outbox-pipeline: error: PostgreSQL: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("outbox-pipeline: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.traceback:
+            raise
+        print(f"outbox-pipeline: error: unexpected {type(exc).__name__}: {' '.join(str(exc).split())} (rerun with --traceback for details)", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        if stores is not None:
+            try:
+                stores.close()
+            except Exception:
+                pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

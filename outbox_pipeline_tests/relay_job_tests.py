@@ -1,0 +1,102 @@
+import datetime as dt
+
+import dagster as dg
+import psycopg
+
+from outbox_pipeline.events import RawEvent
+from outbox_pipeline.producer import publish_many
+from outbox_pipeline_tests.conftest import event_log_store
+from outbox_pipeline_tests.support.relay_runs import publish_raw, run_relay
+
+AWKWARD_CONTEXTS = [
+    '{"a": "tab\\there"}',
+    "  leading and trailing blanks  ",
+    "quote \" and 'single' and \\ backslash and \\N",
+    "new\nline\r\nCRLF\rCR",
+    "\x0b\x0c\x01\x7f control",
+    "ünïcødé 🚀 和",
+    "",
+    ",,,",
+    '"',
+    "\\.",
+    '{"nested": {"list": [1, 2.50, null, true]}}',
+]
+
+
+def test_one_run_moves_more_events_than_a_batch_field_by_field(relay_env, outbox):
+    url = relay_env["OUTBOX_DATABASE_URL"]
+    base = dt.datetime(2026, 11, 29, 8, 0, 0, 1, tzinfo=dt.timezone.utc)
+    events = [
+        RawEvent(
+            event_type=f"type_{n % 3}",
+            context=AWKWARD_CONTEXTS[n % len(AWKWARD_CONTEXTS)] + (f" #{n}" if n % 2 else ""),
+            event_date_time=base + dt.timedelta(seconds=n, microseconds=n),
+            environment="test" if n % 2 else "staging",
+            metadata_version=1 + n % 2,
+        )
+        for n in range(250)
+    ]
+    with psycopg.connect(url) as conn:
+        publish_many(conn, events)
+
+    result = run_relay(run_config={"batch_size": 40})
+
+    assert result.success
+    summary = result.output_for_node("report_relay_run")
+    assert summary["events_loaded"] == 250
+    assert summary["batches"] == 7  # 6 full batches of 40 and one of 10
+    with event_log_store(relay_env["CLICKHOUSE_URL"]) as event_log:
+        assert event_log.counts() == (250, 250)
+        rows = {row["event_id"]: row for row in event_log.rows_for([str(e.event_id) for e in events])}
+    for event in events:
+        row = rows[str(event.event_id)]
+        assert row["event_type"] == event.event_type
+        assert row["event_context"].encode() == event.context.encode()
+        assert row["event_date_time"].replace(tzinfo=dt.timezone.utc) == event.event_date_time
+        assert row["environment"] == event.environment
+        assert row["metadata_version"] == event.metadata_version
+    counts = outbox.counts()
+    assert (counts.pending, counts.processed, counts.failed) == (0, 250, 0)
+
+
+def test_empty_outbox_run_succeeds_and_does_nothing(relay_env, outbox):
+    result = run_relay()
+    assert result.success
+    assert result.output_for_node("report_relay_run")["events_loaded"] == 0
+    assert result.output_for_node("report_relay_run")["batches"] == 0
+    with event_log_store(relay_env["CLICKHOUSE_URL"]) as event_log:
+        assert event_log.counts() == (0, 0)
+
+
+def test_run_stops_at_max_batches_and_the_next_run_continues(relay_env, outbox):
+    publish_raw(relay_env["OUTBOX_DATABASE_URL"], 100)
+    first = run_relay(run_config={"batch_size": 10, "max_batches": 3})
+    assert first.success and first.output_for_node("report_relay_run")["events_loaded"] == 30
+    assert outbox.counts().pending == 70
+    second = run_relay(run_config={"batch_size": 50})
+    assert second.output_for_node("report_relay_run")["events_loaded"] == 70
+    with event_log_store(relay_env["CLICKHOUSE_URL"]) as event_log:
+        assert event_log.counts() == (100, 100)
+
+
+def test_run_past_its_time_limit_releases_unloaded_batches(relay_env, outbox):
+    publish_raw(relay_env["OUTBOX_DATABASE_URL"], 30)
+    result = run_relay(run_config={"batch_size": 10, "max_seconds": 0.000001})
+    assert result.success
+    summary = result.output_for_node("report_relay_run")
+    assert summary["events_loaded"] == 0 and summary["batches_released"] == 3
+    # Released batches are taken again at once, not after the lease.
+    assert run_relay().output_for_node("report_relay_run")["events_loaded"] == 30
+
+
+def test_run_records_event_log_materialization_with_metadata(relay_env, outbox):
+    publish_raw(relay_env["OUTBOX_DATABASE_URL"], 20)
+    with dg.instance_for_test() as instance:
+        result = run_relay(instance)
+        assert result.success
+        materialization = instance.get_latest_materialization_event(dg.AssetKey("event_log")).asset_materialization
+    metadata = materialization.metadata
+    assert metadata["events_loaded"].value == 20
+    assert metadata["queue_size"].value == 0
+    assert metadata["events_per_second"].value > 0
+    assert {"batches", "duration_seconds", "oldest_pending_age_seconds"} <= set(metadata)

@@ -1,0 +1,108 @@
+import psycopg
+
+from outbox_pipeline.stores.outbox_store import OutboxStore
+from outbox_pipeline_tests.conftest import event_log_store
+from outbox_pipeline_tests.support.relay_runs import publish_raw
+
+PROCESSED_ROWS = 1_000_000
+
+
+def test_migrations_run_twice_without_error(relay_env, outbox):
+    outbox.migrate()
+    outbox.migrate()
+    with event_log_store(relay_env["CLICKHOUSE_URL"]) as event_log:
+        event_log.migrate()
+        event_log.migrate()
+        assert event_log.counts() == (0, 0)
+    assert outbox.counts().pending == 0
+
+
+def test_finding_pending_work_reads_only_the_index_tail_beside_a_million_processed_rows(relay_env, outbox):
+    conn = outbox.conn
+    conn.execute(
+        """
+        INSERT INTO outbox (event_id, event_type, event_date_time, environment, event_context)
+        SELECT gen_random_uuid(), 'processed', now(), 'test', '{"n": ' || n || '}' FROM generate_series(1, %s) n
+        """,
+        (PROCESSED_ROWS,),
+    )
+    # The relay has claimed and finished all of them.
+    handle = outbox.claim_next_batch(claimed_by="test", batch_size=PROCESSED_ROWS, lease_seconds=60)
+    assert handle.row_count == PROCESSED_ROWS
+    assert outbox.complete_batch(handle, [], max_attempts=3, retry_base_seconds=1)
+    publish_raw(relay_env["OUTBOX_DATABASE_URL"], 5)
+    conn.execute("VACUUM ANALYZE outbox")
+
+    plan = conn.execute(
+        """
+        EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)
+        SELECT txid, id FROM outbox
+        WHERE (txid, id) > (SELECT claimed_txid, claimed_id FROM outbox_relay_cursor)
+          AND txid < pg_snapshot_xmin(pg_current_snapshot())
+        ORDER BY txid, id LIMIT 1000
+        """
+    ).fetchone()[0][0]
+    scans = {(node["Node Type"], node.get("Relation Name"), node.get("Index Name")) for node in plan_nodes(plan["Plan"])}
+    assert ("Index Only Scan", "outbox", "outbox_txid_id_idx") in scans or ("Index Scan", "outbox", "outbox_txid_id_idx") in scans
+    assert not [scan for scan in scans if scan[0] == "Seq Scan" and scan[1] == "outbox"], scans
+    blocks = plan["Plan"]["Shared Hit Blocks"] + plan["Plan"].get("Shared Read Blocks", 0)
+    assert blocks < 50, f"read {blocks} blocks to find 5 pending rows"
+    assert plan["Plan"]["Actual Rows"] == 5
+    assert outbox.has_pending_work()
+    counts = outbox.counts()
+    assert (counts.pending, counts.processed) == (5, PROCESSED_ROWS)
+
+
+def plan_nodes(node: dict):
+    yield node
+    for child in node.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+def test_a_claim_skips_nothing_committed_out_of_id_order(relay_env, outbox):
+    url = relay_env["OUTBOX_DATABASE_URL"]
+    slow = psycopg.connect(url)
+    publish_raw_on(slow, "late")  # takes a lower id, commits last
+    publish_raw(url, 3, event_type="early")
+    # The open transaction holds the horizon: nothing after it is final yet.
+    assert outbox.claim_next_batch(claimed_by="t", batch_size=100, lease_seconds=60) is None
+    slow.commit()
+    slow.close()
+    handle = outbox.claim_next_batch(claimed_by="t", batch_size=100, lease_seconds=60)
+    assert handle.row_count == 4
+
+
+def publish_raw_on(conn, event_type: str) -> None:
+    from outbox_pipeline.events import RawEvent
+    from outbox_pipeline.producer import publish
+
+    publish(conn, RawEvent(event_type=event_type, context="{}"))
+
+
+def test_an_expired_lease_is_claimed_again_with_the_same_membership(relay_env, outbox):
+    publish_raw(relay_env["OUTBOX_DATABASE_URL"], 7)
+    first = outbox.claim_next_batch(claimed_by="dead-run", batch_size=100, lease_seconds=0.05)
+    assert outbox.claim_next_batch(claimed_by="other", batch_size=100, lease_seconds=60) is None or False
+    import time
+
+    time.sleep(0.1)
+    again = outbox.claim_next_batch(claimed_by="other", batch_size=100, lease_seconds=60)
+    assert (again.batch_id, again.row_count, again.claim_count) == (first.batch_id, 7, 2)
+    assert again.deduplication_token(0, 7) == first.deduplication_token(0, 7)
+    # The dead run can no longer mark it.
+    assert not outbox.complete_batch(first, [], max_attempts=3, retry_base_seconds=1)
+    assert outbox.complete_batch(again, [], max_attempts=3, retry_base_seconds=1)
+
+
+def test_deduplication_tokens_differ_between_outbox_installations(relay_env, outbox, postgres_server_url):
+    publish_raw(relay_env["OUTBOX_DATABASE_URL"], 1)
+    handle = outbox.claim_next_batch(claimed_by="t", batch_size=10, lease_seconds=60)
+    with psycopg.connect(relay_env["OUTBOX_DATABASE_URL"], autocommit=True) as conn:
+        conn.execute("DROP TABLE outbox, outbox_batch, outbox_failure, outbox_relay_cursor CASCADE")
+    fresh = OutboxStore.connect(relay_env["OUTBOX_DATABASE_URL"])
+    fresh.migrate()
+    publish_raw(relay_env["OUTBOX_DATABASE_URL"], 1)
+    recreated = fresh.claim_next_batch(claimed_by="t", batch_size=10, lease_seconds=60)
+    fresh.close()
+    assert recreated.batch_id == handle.batch_id
+    assert recreated.deduplication_token(0, 1) != handle.deduplication_token(0, 1)
