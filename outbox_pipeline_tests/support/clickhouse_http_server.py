@@ -66,8 +66,8 @@ FAULTS_PATH = "/__faults"
 #   reset_next_n         drop the connection (TCP RST, no response) on the next N matching requests
 #   reset_after_execute  with reset_next_n: run the query first, then drop the connection
 #                        (the client cannot tell whether its write happened)
-#   match                only requests whose SQL contains this text (case-insensitive) are
-#                        affected; None matches every request, including /ping
+#   match                only requests whose SQL matches this regular expression (re.search,
+#                        case-insensitive) are affected; None matches every request, /ping too
 FAULT_FIELDS: dict[str, Any] = {
     "fail_next_n": 0,
     "fail_status": 503,
@@ -81,10 +81,12 @@ FAULT_FIELDS: dict[str, Any] = {
 _HTTP_STATUS_BY_CODE: dict[int, int] = {
     194: 401,  # REQUIRED_PASSWORD
     **dict.fromkeys((192, 193, 497, 512, 516), 403),  # UNKNOWN_USER .. AUTHENTICATION_FAILED
+    # BAD_ARGUMENTS, CANNOT_PARSE_*, SYNTAX_ERROR, INCORRECT_DATA, TYPE_MISMATCH, ...
     **dict.fromkeys(
         (36, 427, 6, 25, 26, 38, 41, 72, 441, 675, 676, 27, 376, 15, 44, 37, 123, 8, 167, 168, 223, 62, 117, 53, 321),
         400,
     ),
+    # UNKNOWN_TABLE, UNKNOWN_IDENTIFIER, UNKNOWN_DATABASE, UNKNOWN_SETTING, ...
     **dict.fromkeys((60, 46, 47, 50, 56, 81, 115, 152, 63, 73, 336, 78, 511), 404),
     229: 413,  # QUERY_IS_TOO_LARGE
     48: 501,  # NOT_IMPLEMENTED
@@ -174,84 +176,45 @@ class _SqlShape:
     data_start: int = 0
 
 
-def _quoted_end(sql: bytes, pos: int) -> int:
-    quote = sql[pos]
-    n = len(sql)
-    i = pos + 1
-    while i < n:
-        ch = sql[i]
-        if ch == 0x5C:  # backslash escape
-            i += 2
-            continue
-        if ch == quote:
-            if i + 1 < n and sql[i + 1] == quote:  # doubled quote
-                i += 2
-                continue
-            return i + 1
-        i += 1
-    return n
+_TOKEN_RE = re.compile(
+    rb"""
+      (?P<space>\s+)
+    | (?P<comment>--[^\n]*|\#[ !][^\n]*|/\*.*?(?:\*/|\Z))
+    | (?P<quoted>'(?:[^'\\]|\\.|'')*(?:'|\Z)|"(?:[^"\\]|\\.|"")*(?:"|\Z)|`(?:[^`\\]|\\.|``)*(?:`|\Z))
+    | (?P<number>[0-9][0-9A-Za-z_.]*)
+    | (?P<word>[A-Za-z_\x80-\xff][0-9A-Za-z_\x80-\xff]*)
+    | (?P<punct>.)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
 
 
-def _is_word_byte(ch: int) -> bool:
-    return ch == 0x5F or 0x30 <= ch <= 0x39 or 0x41 <= ch <= 0x5A or 0x61 <= ch <= 0x7A or ch >= 0x80
-
-
-def _tokens(sql: bytes, pos: int = 0) -> Iterator[tuple[str, int, int]]:
-    """Yield (kind, start, end) for significant tokens: word, quoted, number, punct."""
-    n = len(sql)
-    while pos < n:
-        ch = sql[pos]
-        if ch in b" \t\n\r\f\v":
-            pos += 1
-        elif sql.startswith(b"--", pos) or (ch == 0x23 and sql[pos + 1 : pos + 2] in (b" ", b"!")):
-            newline = sql.find(b"\n", pos)
-            pos = n if newline < 0 else newline + 1
-        elif sql.startswith(b"/*", pos):
-            end = sql.find(b"*/", pos + 2)
-            pos = n if end < 0 else end + 2
-        elif ch in b"'\"`":
-            end = _quoted_end(sql, pos)
-            yield "quoted", pos, end
-            pos = end
-        elif 0x30 <= ch <= 0x39:
-            end = pos + 1
-            while end < n and (_is_word_byte(sql[end]) or sql[end] == 0x2E):
-                end += 1
-            yield "number", pos, end
-            pos = end
-        elif _is_word_byte(ch):
-            end = pos + 1
-            while end < n and _is_word_byte(sql[end]):
-                end += 1
-            yield "word", pos, end
-            pos = end
-        else:
-            yield "punct", pos, pos + 1
-            pos += 1
+def _tokens(sql: bytes) -> Iterator[tuple[str, bytes, int, int]]:
+    """Yield (kind, text, start, end) for words, quoted literals, numbers and punctuation.
+    Lazy, so a caller can stop before binary INSERT data."""
+    for match in _TOKEN_RE.finditer(sql):
+        kind = match.lastgroup or "punct"
+        if kind not in ("space", "comment"):
+            yield kind, match.group(), match.start(), match.end()
 
 
 def _analyze_sql(sql: bytes) -> _SqlShape:
     shape = _SqlShape()
     tokens = _tokens(sql)
-    depth = 0
     first = next(tokens, None)
     if first is None:
         return shape
-    kind, start, end = first
-    if kind == "word":
-        shape.keyword = sql[start:end].decode("ascii", "replace").upper()
-    elif sql[start:end] == b"(":
-        shape.keyword = "("
-        depth = 1
+    shape.keyword = first[1].decode("ascii", "replace").upper() if first[0] == "word" else first[1].decode("ascii", "replace")
+    depth = 1 if first[1] == b"(" else 0
     if shape.keyword == "INSERT":
         settings_at = None
-        for kind, start, end in tokens:
+        for kind, text, start, _end in tokens:
             if kind == "punct":
-                depth += {b"(": 1, b")": -1}.get(sql[start:end], 0)
+                depth += {b"(": 1, b")": -1}.get(text, 0)
                 continue
             if kind != "word" or depth:
                 continue
-            word = sql[start:end].upper()
+            word = text.upper()
             if word in (b"SELECT", b"WITH", b"VALUES", b"INFILE"):
                 return shape  # no inline data to split off; the engine runs it as is
             if word == b"SETTINGS" and settings_at is None:
@@ -260,12 +223,12 @@ def _analyze_sql(sql: bytes) -> _SqlShape:
                 name = next(tokens, None)
                 if name is None or name[0] != "word":
                     return shape
-                shape.insert_format = sql[name[1] : name[2]].decode("ascii", "replace")
+                shape.insert_format = name[1].decode("ascii", "replace")
                 shape.infile_at = start if settings_at is None else settings_at
-                shape.head_end = name[2]
-                # Like ClickHouse: data starts after trailing blanks and at most one line break
-                data = name[2]
-                while data < len(sql) and sql[data] in b" \t\f":
+                shape.head_end = name[3]
+                # As ClickHouse does: data starts after trailing blanks and at most one line break
+                data = name[3]
+                while sql[data : data + 1] in (b" ", b"\t", b"\f"):
                     data += 1
                 if sql[data : data + 1] == b"\r":
                     data += 1
@@ -274,34 +237,27 @@ def _analyze_sql(sql: bytes) -> _SqlShape:
                 shape.data_start = data
                 return shape
         return shape
-    # Anything else: find a trailing `FORMAT name` and a second statement after `;`
-    pending: list[tuple[str, int, int]] = []
-    after_semicolon = False
-    for token in tokens:
-        kind, start, end = token
-        text = sql[start:end]
-        if after_semicolon:
-            if not (kind == "punct" and text == b";"):
+    # Anything else: note the output FORMAT clause and reject a second statement
+    top_level: list[bytes] = []
+    ended = False
+    for kind, text, _start, _end in tokens:
+        if ended:
+            if text != b";":
                 shape.multi_statement = True
                 break
             continue
         if kind == "punct":
-            if text == b"(":
-                depth += 1
-            elif text == b")":
-                depth -= 1
-            elif text == b";" and depth <= 0:
-                after_semicolon = True
+            depth += {b"(": 1, b")": -1}.get(text, 0)
+            if text == b";" and depth <= 0:
+                ended = True
+                continue
         if depth == 0:
-            pending.append(token)
-    # A real output FORMAT clause ends the query or precedes SETTINGS / ';'
-    for i in range(len(pending) - 1):
-        kind, start, end = pending[i]
-        nxt = pending[i + 1]
-        if kind == "word" and sql[start:end].upper() == b"FORMAT" and nxt[0] == "word":
-            follower = pending[i + 2] if i + 2 < len(pending) else None
-            if follower is None or sql[follower[1] : follower[2]] in (b";",) or sql[follower[1] : follower[2]].upper() == b"SETTINGS":
-                shape.output_format = sql[nxt[1] : nxt[2]].decode("ascii", "replace")
+            top_level.append(text if kind == "word" else b"")
+    # `FORMAT name` counts only when it ends the query or precedes SETTINGS
+    for i in range(len(top_level) - 1):
+        follower = top_level[i + 2].upper() if i + 2 < len(top_level) else b"SETTINGS"
+        if top_level[i].upper() == b"FORMAT" and top_level[i + 1] and follower == b"SETTINGS":
+            shape.output_format = top_level[i + 1].decode("ascii", "replace")
     return shape
 
 
@@ -414,7 +370,6 @@ def _parse_multipart(content_type: str, body: bytes) -> dict[str, str]:
 @dataclass
 class QueryRequest:
     sql: bytes
-    params: dict[str, str] = field(default_factory=dict)
     database: str | None = None
     settings: dict[str, str] = field(default_factory=dict)
     bind_params: dict[str, str] = field(default_factory=dict)
@@ -475,6 +430,10 @@ class ChdbEngine:
         version, tz = self._anchor.query("SELECT version(), timezone()", "TabSeparated").bytes().decode().strip().split("\t")
         self.version = version
         self.timezone = tz
+        # The server-level default, which a URL parameter can override per request
+        self.http_compression_default = self._anchor.query(
+            "SELECT value FROM system.settings WHERE name = 'enable_http_compression'", "TabSeparated"
+        ).bytes().strip() in (b"1", b"true")
         self._handle_lock = threading.Lock()
         self._exec_lock: contextlib.AbstractContextManager[Any] = threading.Lock() if serialize else contextlib.nullcontext()
         self._sessions: dict[str, _Session] = {}
@@ -638,9 +597,11 @@ class ChdbEngine:
         return QueryOutcome(body, result_format, summary)
 
     def _insert_with_data(self, conn: Any, shape: _SqlShape, sql: bytes) -> QueryOutcome:
-        # chdb's query() stops at the first NUL byte and send_insert() skips
-        # constraint checks, so binary data goes through a file, as the chdb
-        # backend of clickhouse-connect does
+        # Inline data cannot go to the engine as query text (chdb's query()
+        # stops at the first NUL byte), and chdb's send_insert() reported
+        # success for a CHECK-violating block that never landed. A file read
+        # with FROM INFILE behaves like a server INSERT, as in
+        # clickhouse-connect's own chdb backend.
         fd, path = tempfile.mkstemp(dir=self._infile_dir, suffix=".data")
         try:
             with os.fdopen(fd, "wb") as file:
@@ -693,15 +654,19 @@ class FaultState:
         unknown = set(changes) - set(FAULT_FIELDS)
         if unknown:
             raise ValueError(f"unknown fault fields: {sorted(unknown)}")
+        parsed: dict[str, Any] = {}
+        for key, value in changes.items():
+            default = FAULT_FIELDS[key]
+            if key == "match":
+                parsed[key] = None if value in (None, "") else str(value)
+                if parsed[key] is not None:
+                    re.compile(parsed[key])  # a bad pattern fails here (re.error is a ValueError)
+            elif isinstance(default, bool):
+                parsed[key] = bool(value)
+            else:
+                parsed[key] = type(default)(value)
         with self._lock:
-            for key, value in changes.items():
-                default = FAULT_FIELDS[key]
-                if key == "match":
-                    self._values[key] = None if value in (None, "") else str(value)
-                elif isinstance(default, bool):
-                    self._values[key] = bool(value)
-                else:
-                    self._values[key] = type(default)(value)
+            self._values.update(parsed)
         return self.snapshot()
 
     def clear(self) -> dict[str, Any]:
@@ -719,7 +684,7 @@ class FaultState:
         with self._lock:
             self.requests += 1
             match = self._values["match"]
-            if match is not None and (sql_text is None or match.lower() not in sql_text.lower()):
+            if match is not None and (sql_text is None or not re.search(match, sql_text, re.IGNORECASE)):
                 return 0.0, None
             delay = float(self._values["delay_seconds"])
             if delay > 0:
@@ -765,7 +730,17 @@ class _Server(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], engine: ChdbEngine, faults: FaultState, *, user: str | None, password: str | None, keep_alive_timeout: float, verbose: bool):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        engine: ChdbEngine,
+        faults: FaultState,
+        *,
+        user: str | None,
+        password: str | None,
+        keep_alive_timeout: float,
+        verbose: bool,
+    ):
         self.engine = engine
         self.faults = faults
         self.user = user
@@ -805,8 +780,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
 
     def setup(self) -> None:
-        # Headers and body go out in one write, but keep small responses from
-        # waiting on delayed ACKs all the same
+        # Small responses go out in one write; for large ones, keep the second
+        # write from stalling on a delayed ACK
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.timeout = self.server.keep_alive_timeout
         super().setup()
@@ -955,7 +930,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._send(200, b"Ok.\n", {"Content-Type": "text/html; charset=UTF-8"})
             return
         if route != "/":
-            self._send(404, f"There is no handle {route}\n\nUse / or /ping for health checks.\n".encode(), {"Content-Type": "text/plain; charset=UTF-8"})
+            message = f"There is no handle {route}\n\nUse / or /ping for health checks.\n"
+            self._send(404, message.encode(), {"Content-Type": "text/plain; charset=UTF-8"})
             return
         try:
             self._authenticate(params)
@@ -1006,7 +982,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 settings[key] = value
         return QueryRequest(
             sql=sql,
-            params=params,
             database=params.get("database") or None,
             settings=settings,
             bind_params=bind_params,
@@ -1044,7 +1019,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             headers["X-ClickHouse-Format"] = outcome.result_format
             headers["X-ClickHouse-Timezone"] = self.server.engine.timezone
         body = outcome.body
-        if body and params.get("enable_http_compression") in ("1", "true"):
+        compression_enabled = params.get("enable_http_compression")
+        if compression_enabled is None:
+            enabled = self.server.engine.http_compression_default
+        else:
+            enabled = compression_enabled.lower() in ("1", "true")
+        if body and enabled:
             encoding = _choose_response_encoding(self.headers.get("Accept-Encoding", ""))
             if encoding is not None:
                 body = _compress_body(body, encoding)
@@ -1095,7 +1075,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     faults = FaultState(
         fail_next_n=args.fail_next_n,
         fail_status=args.fail_status,
@@ -1125,8 +1109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.stop_on_stdin_eof:
 
         def watch_stdin() -> None:
-            with contextlib.suppress(Exception):
-                while sys.stdin.buffer.read(4096):
+            # os.read, not sys.stdin: a buffered reader blocked in a daemon thread aborts interpreter shutdown
+            with contextlib.suppress(OSError):
+                while os.read(sys.stdin.fileno(), 4096):
                     pass
             stop.set()
 
@@ -1211,10 +1196,12 @@ class ClickHouseHttpServerProcess:
         self.python = python
         self.url: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._exit_code: int | None = None
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=200)
 
     def _command(self) -> list[str]:
-        cmd = [self.python, "-m", __name__, "--path", self.path, "--host", self.host, "--port", str(self.port), "--stop-on-stdin-eof"]
+        module = __spec__.name if __name__ == "__main__" and __spec__ else __name__
+        cmd = [self.python, "-m", module, "--path", self.path, "--host", self.host, "--port", str(self.port), "--stop-on-stdin-eof"]
         if self.user is not None:
             cmd += ["--user", self.user]
         if self.password is not None:
@@ -1260,19 +1247,21 @@ class ClickHouseHttpServerProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         self._proc = subprocess.Popen(self._command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        threading.Thread(target=self._drain, args=(self._proc.stderr, self._on_stderr), daemon=True).start()
+        stderr_reader = threading.Thread(target=self._drain, args=(self._proc.stderr, self._on_stderr), daemon=True)
+        stderr_reader.start()
         first_line: list[str] = []
         ready = threading.Event()
+        stdout = self._proc.stdout
 
         def read_first_line() -> None:
-            assert self._proc is not None and self._proc.stdout is not None
-            first_line.append(self._proc.stdout.readline().decode("utf-8", "replace").strip())
+            first_line.append(stdout.readline().decode("utf-8", "replace").strip())
             ready.set()
-            self._drain(self._proc.stdout, lambda _line: None)
+            self._drain(stdout, lambda _line: None)
 
         threading.Thread(target=read_first_line, daemon=True).start()
         if not ready.wait(self.startup_timeout) or not first_line[0].startswith("LISTENING "):
             self.stop()
+            stderr_reader.join(timeout=5)
             raise RuntimeError(f"ClickHouse HTTP test server did not start (path {self.path}):\n{self.log_tail}")
         host, _, port = first_line[0].split(" ", 1)[1].rpartition(":")
         self.host, self.port = host, int(port)
@@ -1290,13 +1279,15 @@ class ClickHouseHttpServerProcess:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self._exit_code = proc.returncode
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             with contextlib.suppress(Exception):
                 stream.close()
 
     @property
     def returncode(self) -> int | None:
-        return None if self._proc is None else self._proc.poll()
+        """None while running; the exit status once stopped (0 after a clean shutdown)."""
+        return self._exit_code if self._proc is None else self._proc.poll()
 
     def set_faults(self, **faults: Any) -> dict[str, Any]:
         return set_faults(self._require_url(), **faults)
