@@ -4,7 +4,7 @@ import os
 
 import dagster as dg
 
-from outbox_pipeline.jobs import process_outbox_events
+from outbox_pipeline.jobs import process_outbox_events, requeue_failed_events
 from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor
 from outbox_pipeline.monitoring.sentry_setup import init_sentry
 from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
@@ -33,7 +33,7 @@ def build_resources(settings: RelaySettings | None = None) -> dict:
 
 
 defs = dg.Definitions(
-    jobs=[process_outbox_events],
+    jobs=[process_outbox_events, requeue_failed_events],
     sensors=[outbox_pending_sensor],
     resources=build_resources(_settings),
 )

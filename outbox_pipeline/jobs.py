@@ -8,6 +8,7 @@ whole run, and keeps the embedded ClickHouse directory in a single process.
 import dagster as dg
 
 from outbox_pipeline.monitoring.hooks import sentry_on_failure
+from outbox_pipeline.ops.maintenance_ops import requeue_failed
 from outbox_pipeline.ops.relay_ops import extract_outbox_batches, load_batch, mark_batch_processed, report_relay_run
 from outbox_pipeline.settings import RelaySettings
 
@@ -37,3 +38,12 @@ def process_outbox_events():
     claimed = extract_outbox_batches()
     marked = claimed.map(lambda batch: mark_batch_processed(batch, load_batch(batch)))
     report_relay_run(marked.collect())
+
+
+@dg.job(
+    description="Put failed events back in line (config: event_ids, event_type or all_failed); the next relay run delivers them.",
+    executor_def=dg.in_process_executor,
+    hooks={sentry_on_failure},
+)
+def requeue_failed_events():
+    requeue_failed()
