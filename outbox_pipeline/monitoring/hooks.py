@@ -1,52 +1,76 @@
-"""Failure hook attached to every op of every job: one Sentry event per failed op.
+"""Failure hook attached to every op of every job: one Sentry event per failed op and cause.
 
 Grouping is by job, op and exception type, never by message text, so one issue
 collects every "ClickHouse unreachable" of the load step, whatever host or
-batch the message names.
+batch the message names. Within one run a cause is reported once: an outage
+fails every mapped load step alike, and the transaction counts them
+(``failed_steps``).
+
+Dagster also writes the failure as an ERROR log line; the logging integration
+keeps log lines as breadcrumbs only (see sentry_setup), so that line never
+becomes a second event.
 """
 
 import sentry_sdk
 import dagster as dg
 
-from outbox_pipeline.monitoring.sentry_setup import flush_sentry, init_sentry
+from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor, dagster_tags, one_line
+from outbox_pipeline.monitoring.sentry_setup import init_sentry
 
 
 def failure_fingerprint(job_name: str, op_name: str, exception: BaseException | None) -> list[str]:
     return ["dagster-op-failure", job_name, op_name, type(exception).__name__ if exception else "unknown"]
 
 
-def _retry_number(context: dg.HookContext) -> int:
-    # Not public on HookContext; 0 when the attribute is missing.
+def _op_retry_number(context: dg.HookContext) -> int:
+    # Op retries (RetryPolicy) before this failure. Not public on HookContext; 0 when missing.
     step_context = getattr(context, "_step_execution_context", None)
-    return int(getattr(step_context, "previous_attempt_count", 0) or 0)
+    try:
+        return int(getattr(step_context, "previous_attempt_count", 0) or 0)
+    except Exception:
+        return 0
 
 
 def report_op_failure(context: dg.HookContext) -> str | None:
-    """Send the op's exception to Sentry; returns the Sentry event id (None when Sentry is off)."""
-    init_sentry()
+    """Send the op's exception to Sentry; returns the Sentry event id (None when nothing was sent)."""
+    if not init_sentry():
+        return None
     exception = context.op_exception
-    run = context.instance.get_run_by_id(context.run_id)
-    partition = run.tags.get("dagster/partition") if run else None
+    fingerprint = failure_fingerprint(context.job_name, context.op.name, exception)
     monitor = getattr(context.resources, "monitor", None)
-    if monitor is not None and exception is not None:
-        monitor.record_failure(exception)
+    if not isinstance(monitor, RelayRunMonitor):
+        monitor = None
+    if monitor is not None and not monitor.note_failure(tuple(fingerprint), exception or "op failed"):
+        return None
+    run = context.instance.get_run_by_id(context.run_id)
+    retry_number = _op_retry_number(context)
     with sentry_sdk.new_scope() as scope:
-        scope.set_tag("dagster.job", context.job_name)
+        if monitor is not None and monitor.transaction is not None:
+            # Links the issue to the run's trace.
+            scope.span = monitor.transaction
+        for key, value in dagster_tags(run, context.job_name, context.run_id).items():
+            scope.set_tag(key, value)
         scope.set_tag("dagster.op", context.op.name)
         scope.set_tag("dagster.step", context.step_key)
-        scope.set_tag("dagster.run_id", context.run_id)
-        scope.set_tag("dagster.retry_number", _retry_number(context))
-        if partition:
-            scope.set_tag("dagster.partition", partition)
-        scope.fingerprint = failure_fingerprint(context.job_name, context.op.name, exception)
+        scope.set_tag("dagster.retry_number", str(retry_number))
+        scope.set_context(
+            "dagster",
+            {"job": context.job_name, "op": context.op.name, "step": context.step_key, "run_id": context.run_id,
+             "retry_number": retry_number},
+        )
+        if monitor is not None:
+            scope.set_context("outbox_run", monitor.data())
+        scope.fingerprint = fingerprint
         if exception is not None:
-            event_id = sentry_sdk.capture_exception(exception)
-        else:
-            event_id = sentry_sdk.capture_message(f"op {context.op.name} of {context.job_name} failed", level="error")
-    flush_sentry()
-    return event_id
+            return sentry_sdk.capture_exception(exception)
+        return sentry_sdk.capture_message(f"op {context.op.name} of {context.job_name} failed", level="error")
 
 
 @dg.failure_hook(name="sentry_on_failure", required_resource_keys={"monitor"})
 def sentry_on_failure(context: dg.HookContext) -> None:
-    report_op_failure(context)
+    # No flush here: the monitor flushes once at the end of the run, so a slow
+    # Sentry costs a run at most one flush timeout however many steps fail.
+    try:
+        report_op_failure(context)
+    except Exception as exc:  # reporting must never change the run's outcome
+        context.log.warning(f"could not report the failure to Sentry: {one_line(exc)}")

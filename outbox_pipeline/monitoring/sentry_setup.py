@@ -19,11 +19,12 @@ What leaves the process is limited on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Callable, Optional
@@ -43,6 +44,7 @@ __all__ = [
     "SentrySettings",
     "default_release",
     "flush_sentry",
+    "fresh_scope",
     "init_sentry",
     "sentry_init_options",
 ]
@@ -189,7 +191,15 @@ def sentry_init_options(settings: SentrySettings) -> dict[str, Any]:
     def before_send_transaction(event: Any, hint: Any) -> Any:
         return scrub_payload(event)
 
+    last_crumb = threading.local()
+
     def before_breadcrumb(crumb: Any, hint: Any) -> Any:
+        # Dagster hands each log line to its log manager and then to its
+        # console logger: keep one breadcrumb of the two.
+        key = (crumb.get("category"), crumb.get("level"), crumb.get("message"))
+        if crumb.get("type") == "log" and getattr(last_crumb, "key", None) == key:
+            return None
+        last_crumb.key = key if crumb.get("type") == "log" else None
         return scrub_payload(crumb)
 
     def before_send_metric(metric: Any, hint: Any) -> Any:
@@ -279,3 +289,13 @@ def flush_sentry(timeout: Optional[float] = None) -> None:
         sentry_sdk.flush(timeout=timeout)
     except Exception:  # monitoring must never fail the caller
         logger.debug("Sentry flush failed", exc_info=True)
+
+
+@contextlib.contextmanager
+def fresh_scope() -> Iterator[Any]:
+    """A scope for one report from a long-lived process (the code server's
+    sensors): no breadcrumbs or tags left over from earlier work."""
+    with sentry_sdk.isolation_scope() as isolation:
+        isolation.clear_breadcrumbs()
+        with sentry_sdk.new_scope() as scope:
+            yield scope
