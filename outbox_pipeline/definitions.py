@@ -1,13 +1,21 @@
-"""The code location: every job, sensor, schedule and resource of the project."""
+"""The code location: every asset, check, job, sensor, schedule and resource of the project."""
 
 import os
 
 import dagster as dg
 
-from outbox_pipeline.jobs import process_outbox_events, requeue_failed_events
+from outbox_pipeline.assets import EVENT_LOG_CHECKS, event_log
+from outbox_pipeline.jobs import (
+    check_event_log,
+    cleanup_outbox,
+    process_outbox_events,
+    replay_outbox_events,
+    requeue_failed_events,
+)
 from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor
 from outbox_pipeline.monitoring.sentry_setup import init_sentry
 from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
+from outbox_pipeline.schedules import SCHEDULES
 from outbox_pipeline.sensors import outbox_pending_sensor
 from outbox_pipeline.settings import RelaySettings
 
@@ -32,8 +40,16 @@ def build_resources(settings: RelaySettings | None = None) -> dict:
     }
 
 
+JOBS = [process_outbox_events, requeue_failed_events, replay_outbox_events, cleanup_outbox, check_event_log]
+SENSORS = [outbox_pending_sensor]
+
 defs = dg.Definitions(
-    jobs=[process_outbox_events, requeue_failed_events],
-    sensors=[outbox_pending_sensor],
+    assets=[event_log],
+    asset_checks=EVENT_LOG_CHECKS,
+    jobs=JOBS,
+    schedules=SCHEDULES,
+    sensors=SENSORS,
     resources=build_resources(_settings),
+    # Checks launched from the asset page run in one process too, like every job here.
+    executor=dg.in_process_executor,
 )

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 from outbox_pipeline.errors import OutboxPipelineError
+from outbox_pipeline.prefetch import BatchPrefetcher
 from outbox_pipeline.retrying import RetryPolicy, call_with_retries
 from outbox_pipeline.settings import RelaySettings
 from outbox_pipeline.stores.clickhouse_connection import ErrorKind, classify_clickhouse_error
@@ -96,6 +97,7 @@ class Relay:
         *,
         claimed_by: str,
         on_retry: RetryCallback | None = None,
+        prefetcher: BatchPrefetcher | None = None,
     ):
         self.outbox = outbox
         self.event_log = event_log
@@ -103,6 +105,7 @@ class Relay:
         self.claimed_by = claimed_by
         self.retries = 0
         self._on_retry = on_retry
+        self._prefetcher = prefetcher
 
     # -- the three steps ------------------------------------------------------------------
 
@@ -121,6 +124,7 @@ class Relay:
         split_points = self._postgres("reading the batch's blocks", lambda: self.outbox.current_split_points(handle))
         bounds = [0, *[p for p in split_points if 0 < p < handle.row_count], handle.row_count]
         work = collections.deque(zip(bounds, bounds[1:]))
+        read_ahead = self._prefetcher.take(handle) if self._prefetcher is not None else None
         rejected: list[RejectedEvent] = []
         inserts = 0
         while work:
@@ -129,7 +133,8 @@ class Relay:
                 return LoadResult(handle.batch_id, handle.kind, handle.row_count, 0, (), inserts, time.perf_counter() - started, lease_lost=True)
             try:
                 inserts += 1
-                self._insert_block(handle, start, stop)
+                whole_batch = (start, stop) == (0, handle.row_count)
+                self._insert_block(handle, start, stop, read_ahead if whole_batch else None)
             except Exception as exc:
                 if classify_clickhouse_error(exc) is not ErrorKind.REJECTED_DATA:
                     raise
@@ -187,16 +192,18 @@ class Relay:
             if handle is None:
                 break
             result = self.load(handle)
-            self.mark(result, handle)
-            totals.add(result)
+            # A batch taken over by another run (our lease expired) is that run's to count.
+            if self.mark(result, handle):
+                totals.add(result)
         totals.retries = self.retries
         totals.seconds = time.perf_counter() - started
         return totals
 
     # -- internals --------------------------------------------------------------------------
 
-    def _insert_block(self, handle: BatchHandle, start: int, stop: int) -> None:
-        csv_block = self._postgres("reading the batch", lambda: self.outbox.read_block_csv(handle, start, stop))
+    def _insert_block(self, handle: BatchHandle, start: int, stop: int, csv_block: bytes | None = None) -> None:
+        if csv_block is None:
+            csv_block = self._postgres("reading the batch", lambda: self.outbox.read_block_csv(handle, start, stop))
         token = handle.deduplication_token(start, stop)
         self._with_retries("inserting into ClickHouse", lambda: self.event_log.insert_csv(csv_block, deduplication_token=token))
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import PrivateAttr
 
+from outbox_pipeline.prefetch import BatchPrefetcher
 from outbox_pipeline.stores.clickhouse_connection import chdb_path
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import OutboxStore
@@ -25,6 +26,7 @@ class OutboxDatabaseResource(dg.ConfigurableResource):
     state_dir: str = ".outbox_state"
 
     _store: OutboxStore | None = PrivateAttr(default=None)
+    _prefetcher: BatchPrefetcher | None = PrivateAttr(default=None)
 
     def resolved_url(self) -> str:
         if self.url:
@@ -38,6 +40,12 @@ class OutboxDatabaseResource(dg.ConfigurableResource):
             self._store = OutboxStore.connect(self.resolved_url())
         return self._store
 
+    def prefetcher(self) -> BatchPrefetcher:
+        """Reads the run's next batch on a second connection while the current one is loaded."""
+        if self._prefetcher is None:
+            self._prefetcher = BatchPrefetcher(self.resolved_url())
+        return self._prefetcher
+
     @contextlib.contextmanager
     def short_lived_store(self) -> Iterator[OutboxStore]:
         """A connection for one sensor tick or command, closed afterwards."""
@@ -48,6 +56,9 @@ class OutboxDatabaseResource(dg.ConfigurableResource):
             store.close()
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
         if self._store is not None:
             self._store.close()
             self._store = None

@@ -9,11 +9,14 @@ import time
 
 import dagster as dg
 
+from outbox_pipeline.errors import ConfigurationError, StoreBusyError
 from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor
 from outbox_pipeline.relay import LoadResult, Relay, RelayPolicy
 from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
+from outbox_pipeline.retrying import call_with_retries, is_transient
 from outbox_pipeline.run_config import RelayRunConfig
 from outbox_pipeline.settings import RelaySettings
+from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import BatchHandle
 
 EVENT_LOG_ASSET = dg.AssetKey("event_log")
@@ -37,7 +40,7 @@ class MarkedBatch:
 
 
 def build_relay(context: dg.OpExecutionContext, outbox: OutboxDatabaseResource, clickhouse: ClickHouseResource | None,
-                monitor: RelayRunMonitor, batch_size: int | None = None) -> Relay:
+                monitor: RelayRunMonitor, batch_size: int | None = None, prefetch: bool = False) -> Relay:
     settings = RelaySettings.from_env()
     policy = RelayPolicy.from_settings(settings, **({"batch_size": batch_size} if batch_size else {}))
     return Relay(
@@ -46,7 +49,23 @@ def build_relay(context: dg.OpExecutionContext, outbox: OutboxDatabaseResource, 
         policy,
         claimed_by=context.run_id,
         on_retry=monitor.on_retry,
+        prefetcher=outbox.prefetcher() if clickhouse is not None or prefetch else None,
     )
+
+
+def connect_event_log(clickhouse: ClickHouseResource, relay: Relay, monitor: RelayRunMonitor) -> EventLogStore:
+    """ClickHouse may be down (503, refused) when the run starts: connecting is retried like every later call."""
+    return call_with_retries(
+        "connecting to ClickHouse", clickhouse.store, relay.policy.retry, on_retry=monitor.on_retry, transient=_transient_connect_error
+    )
+
+
+def _transient_connect_error(exc: BaseException) -> bool:
+    # The connect raises its one-line translation `from None`; the driver's own error is its __context__.
+    # A busy chDB directory was already waited for; bad URLs and credentials do not pass.
+    if isinstance(exc, (ConfigurationError, StoreBusyError)):
+        return False
+    return is_transient(exc.__context__ or exc)
 
 
 @dg.op(out=dg.DynamicOut(ClaimedBatch), description="Claim pending outbox batches for this run (extract).")
@@ -60,6 +79,7 @@ def extract_outbox_batches(
     monitor.gauge("outbox.queue_size", counts.pending)
     context.log.info(f"{counts.pending} events pending; claiming up to {config.max_batches} batches of {config.batch_size}")
     claimed = 0
+    handles = []
     while claimed < config.max_batches:
         with monitor.span("extract", "claim outbox batch") as span:
             handle = relay.claim()
@@ -69,7 +89,9 @@ def extract_outbox_batches(
         if handle is None:
             break
         claimed += 1
+        handles.append(handle)
         yield dg.DynamicOutput(ClaimedBatch(handle, deadline), mapping_key=f"batch_{handle.batch_id}")
+    outbox.prefetcher().plan(handles)
     context.log.info(f"claimed {claimed} batches")
 
 
@@ -82,14 +104,19 @@ def load_batch(
     monitor: RelayRunMonitor,
 ) -> LoadResult:
     handle = claimed.handle
-    relay = build_relay(context, outbox, clickhouse, monitor)
+    relay = build_relay(context, outbox, None, monitor, prefetch=True)
     if time.time() >= claimed.deadline:
         relay.release(handle)
         context.log.info(f"run time limit reached: batch {handle.batch_id} released for the next run")
         return LoadResult(handle.batch_id, handle.kind, handle.row_count, 0, (), 0, 0.0, lease_lost=True)
     try:
-        with monitor.span("load", "insert batch into ClickHouse", batch_id=handle.batch_id, batch_size=handle.row_count):
+        relay.event_log = connect_event_log(clickhouse, relay, monitor)
+        with monitor.span("load", "insert batch into ClickHouse", batch_id=handle.batch_id, batch_size=handle.row_count) as span:
             result = relay.load(handle)
+            if span is not None:
+                # Many inserts for one batch mean rejected events were bisected out.
+                span.set_data("inserts", result.inserts)
+                span.set_data("rejected", len(result.rejected))
     except Exception:
         # Give the batch back at once rather than after the lease: the next run retries it.
         try:
@@ -103,7 +130,12 @@ def load_batch(
     return result
 
 
-@dg.op(description="Mark a loaded batch processed and record rejected events for retry, in one transaction.")
+# Priority: each batch is marked right after its load, not after every load of the run,
+# so a run that dies midway leaves only its current batch to be taken again.
+@dg.op(
+    description="Mark a loaded batch processed and record rejected events for retry, in one transaction.",
+    tags={"dagster/priority": "1"},
+)
 def mark_batch_processed(
     context: dg.OpExecutionContext,
     claimed: ClaimedBatch,

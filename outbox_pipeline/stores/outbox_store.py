@@ -142,6 +142,19 @@ INSERT_EVENT = (
     "INSERT INTO outbox (event_id, event_type, event_date_time, environment, event_context, metadata_version) "
     "VALUES ({p}, {p}, {p}, {p}, {p}, {p})"
 )
+# Producers' commits wake the low-latency relay through this channel.
+NOTIFY_CHANNEL = "outbox_pipeline_events"
+_COMMIT_NOTIFICATIONS = f"""
+CREATE OR REPLACE FUNCTION outbox_notify_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- Delivered at commit, once per transaction however many rows it inserted.
+    PERFORM pg_notify('{NOTIFY_CHANNEL}', '');
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER outbox_notify_commit AFTER INSERT ON outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify_commit();
+"""
+
 COPY_EVENTS_IN = "COPY outbox (event_id, event_type, event_date_time, environment, event_context, metadata_version) FROM STDIN"
 
 
@@ -156,6 +169,9 @@ class BatchHandle:
     claim_count: int
     installation_id: str
     split_points: tuple[int, ...] = ()
+    # (txid, id) bounds of a range batch, so reading it is one index range scan
+    first_key: tuple[str, int] | None = None
+    last_key: tuple[str, int] | None = None
 
     def deduplication_token(self, start: int, stop: int) -> str:
         """Names rows start:stop of this batch, whose membership never changes."""
@@ -213,8 +229,12 @@ class OutboxStore:
     def _handle(self, row) -> BatchHandle | None:
         if row is None:
             return None
-        batch_id, kind, row_count, claimed_by, claim_count, split_points = row
-        return BatchHandle(batch_id, kind, row_count, claimed_by, claim_count, self.installation_id, tuple(split_points or ()))
+        batch_id, kind, row_count, claimed_by, claim_count, split_points, first_txid, first_id, last_txid, last_id = row
+        return BatchHandle(
+            batch_id, kind, row_count, claimed_by, claim_count, self.installation_id, tuple(split_points or ()),
+            (first_txid, first_id) if first_txid is not None else None,
+            (last_txid, last_id) if last_txid is not None else None,
+        )
 
     # -- schema -----------------------------------------------------------------------
 
@@ -223,6 +243,11 @@ class OutboxStore:
             # Serialize concurrent `init`s: CREATE ... IF NOT EXISTS races on the catalog otherwise.
             self.conn.execute("SELECT pg_advisory_xact_lock(7245100101)")
             self.conn.execute(MIGRATION)
+
+    def install_commit_notifications(self) -> None:
+        """Make every producer commit NOTIFY the low-latency relay (left off otherwise: it costs producers a little)."""
+        with self.conn.transaction():
+            self.conn.execute(_COMMIT_NOTIFICATIONS)
 
     def check_schema(self) -> None:
         """Raise psycopg.errors.UndefinedTable when `init` has not run."""
@@ -262,7 +287,8 @@ class OutboxStore:
                        lease_expires_at = now() + make_interval(secs => %(lease)s)
                 WHERE id = (SELECT id FROM outbox_batch WHERE state = 'claimed' AND lease_expires_at < now()
                             ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
-                RETURNING id, kind, row_count, claimed_by, claim_count, split_points
+                RETURNING id, kind, row_count, claimed_by, claim_count, split_points,
+                          first_txid::text, first_id, last_txid::text, last_id
                 """,
                 {"by": claimed_by, "lease": lease_seconds},
             ).fetchone()
@@ -286,7 +312,8 @@ class OutboxStore:
                 INSERT INTO outbox_batch (kind, row_count, claimed_by, lease_expires_at, oldest_created_at)
                 SELECT 'retry', %(n)s, %(by)s, now() + make_interval(secs => %(lease)s), min(created_at)
                 FROM outbox WHERE id = ANY(%(ids)s)
-                RETURNING id, kind, row_count, claimed_by, claim_count, split_points
+                RETURNING id, kind, row_count, claimed_by, claim_count, split_points,
+                          first_txid::text, first_id, last_txid::text, last_id
                 """,
                 {"n": len(ids), "by": claimed_by, "lease": lease_seconds, "ids": ids},
             ).fetchone()
@@ -323,7 +350,8 @@ class OutboxStore:
                 INSERT INTO outbox_batch (kind, first_txid, first_id, last_txid, last_id, row_count,
                                           oldest_created_at, claimed_by, lease_expires_at)
                 VALUES ('range', %s, %s, %s, %s, %s, %s, %s, now() + make_interval(secs => %s))
-                RETURNING id, kind, row_count, claimed_by, claim_count, split_points
+                RETURNING id, kind, row_count, claimed_by, claim_count, split_points,
+                          first_txid::text, first_id, last_txid::text, last_id
                 """,
                 (first_txid, first_id, last_txid, last_id, row_count, oldest, claimed_by, lease_seconds),
             ).fetchone()
@@ -373,10 +401,11 @@ class OutboxStore:
     def _batch_rows_query(self, handle: BatchHandle, columns: str, start: int, stop: int) -> tuple[str, tuple]:
         if handle.kind == "range":
             query = f"""
-                SELECT {columns} FROM outbox o, outbox_batch b
-                WHERE b.id = %s AND (o.txid, o.id) >= (b.first_txid, b.first_id) AND (o.txid, o.id) <= (b.last_txid, b.last_id)
+                SELECT {columns} FROM outbox o
+                WHERE (o.txid, o.id) >= (%s::xid8, %s) AND (o.txid, o.id) <= (%s::xid8, %s)
                 ORDER BY o.txid, o.id OFFSET %s LIMIT %s
             """
+            return query, (*handle.first_key, *handle.last_key, start, stop - start)
         else:
             query = f"""
                 SELECT {columns} FROM outbox o JOIN outbox_failure f ON f.outbox_id = o.id
@@ -605,18 +634,69 @@ class OutboxStore:
         ).fetchone()
         return row[0]
 
-    def delete_finished_batches_before(self, cutoff: dt.datetime) -> int:
+    def delete_finished_batches_before(self, cutoff: dt.datetime, *, chunk_size: int = 10_000) -> int:
+        """Delete one chunk of batches finished before ``cutoff``; returns how many."""
         row = self.conn.execute(
             """
-            WITH deleted AS (
-                DELETE FROM outbox_batch b WHERE b.state = 'done' AND b.done_at < %s
+            WITH doomed AS (
+                SELECT b.id FROM outbox_batch b WHERE b.state = 'done' AND b.done_at < %s
                   AND NOT EXISTS (SELECT 1 FROM outbox_failure f WHERE f.batch_id = b.id)
-                RETURNING 1
-            ) SELECT count(*) FROM deleted
+                ORDER BY b.done_at LIMIT %s
+            ),
+            deleted AS (DELETE FROM outbox_batch WHERE id IN (SELECT id FROM doomed) RETURNING 1)
+            SELECT count(*) FROM deleted
             """,
-            (cutoff,),
+            (cutoff, chunk_size),
         ).fetchone()
         return row[0]
+
+    def day_outbox_ids(self, day: dt.date) -> list[int]:
+        """Outbox ids of one UTC day of event_date_time, in id order (8 bytes per event: a day fits in memory)."""
+        return [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT id FROM outbox WHERE event_date_time >= %s::date::timestamptz "
+                "AND event_date_time < %s::date::timestamptz ORDER BY id",
+                (day, day + dt.timedelta(days=1)),
+            ).fetchall()
+        ]
+
+    def delivery_states(self, outbox_ids: Sequence[int]) -> list[tuple[int, str, str]]:
+        """(id, event_id, state) in id order; state is processed, pending, in_flight, retrying or failed.
+
+        Processed means delivered by the relay, which never loads it again: at or
+        below the cursor, in no batch still claimed, and with no failure record.
+        One statement, so one consistent snapshot of the relay's bookkeeping.
+        """
+        return [
+            (r[0], r[1], r[2])
+            for r in self.conn.execute(
+                """
+                SELECT o.id, o.event_id::text,
+                       CASE WHEN f.state IS NOT NULL THEN f.state
+                            WHEN (o.txid, o.id) > (c.claimed_txid, c.claimed_id) THEN 'pending'
+                            WHEN EXISTS (
+                                SELECT 1 FROM outbox_batch b
+                                WHERE b.state = 'claimed' AND b.kind = 'range'
+                                  AND (o.txid, o.id) >= (b.first_txid, b.first_id)
+                                  AND (o.txid, o.id) <= (b.last_txid, b.last_id)) THEN 'in_flight'
+                            ELSE 'processed' END
+                FROM outbox o CROSS JOIN outbox_relay_cursor c
+                LEFT JOIN outbox_failure f ON f.outbox_id = o.id
+                WHERE o.id = ANY(%s) ORDER BY o.id
+                """,
+                (list(outbox_ids),),
+            ).fetchall()
+        ]
+
+    def events_csv(self, outbox_ids: Sequence[int]) -> bytes:
+        """These events as CSV in event_log column order and id order, straight from COPY."""
+        query = f"SELECT {_SELECT_EVENT_COLUMNS} FROM outbox o WHERE o.id = ANY(%s) ORDER BY o.id"
+        buffer = bytearray()
+        with self.conn.cursor() as cur, cur.copy(f"COPY ({query}) {_COPY_CSV}", (list(outbox_ids),)) as copy:
+            for chunk in copy:
+                buffer += chunk
+        return bytes(buffer)
 
     def table_statistics(self) -> dict:
         with self.conn.cursor(row_factory=dict_row) as cur:

@@ -1,0 +1,260 @@
+"""Benchmark: the relay against the practical limit and a naive relay, on the same stores in one run.
+
+    python -m outbox_pipeline.bench --events 100000 [--events 1000000] [--latency-seconds 20]
+
+Stores are fresh: an embedded PostgreSQL and chDB in a temporary directory (or the
+server in OUTBOX_BENCH_DATABASE_URL, whose database is left with bench tables).
+Every figure of the table is measured in this run:
+
+* relay: ``process_outbox_events`` draining the whole backlog (claim, load, mark),
+  in a child process so that its peak memory is its own;
+* practical limit: the same rows streamed out of PostgreSQL with COPY and inserted
+  into ClickHouse with no bookkeeping, the read of the next chunk overlapping the
+  insert of the previous one;
+* naive relay: one ClickHouse insert and one processed-flag UPDATE per event, on a
+  10,000-event sample;
+* latency from commit to visible in ClickHouse under a steady producer, for the
+  sensor path and for the low-latency mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+
+from outbox_pipeline.stores.clickhouse_connection import clickhouse_client
+from outbox_pipeline.stores.event_log_store import MIGRATION as EVENT_LOG_MIGRATION
+from outbox_pipeline.stores.outbox_store import EVENT_COLUMNS, OutboxStore
+from outbox_pipeline.stores.postgres_connection import embedded_postgres_url
+
+NAIVE_SAMPLE = 10_000
+LIMIT_CHUNK = 50_000
+
+# Realistic payloads of about 150 bytes, generated in PostgreSQL so loading the backlog is quick.
+_GENERATE_EVENTS = """
+INSERT INTO outbox (event_id, event_type, event_date_time, environment, event_context)
+SELECT gen_random_uuid(),
+       (ARRAY['user_created', 'order_paid', 'order_shipped', 'payment_refunded'])[1 + n %% 4],
+       now() - make_interval(secs => n %% 86400),
+       'bench',
+       json_build_object('order_id', n, 'user_id', n %% 9973, 'amount', round((n %% 100000) / 100.0, 2),
+                         'currency', 'EUR', 'email', 'user' || (n %% 9973) || '@example.com',
+                         'note', md5(n::text))::text
+FROM generate_series(1, %s) AS n
+"""
+
+
+def reset_stores(database_url: str, clickhouse_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "DROP TABLE IF EXISTS outbox, outbox_batch, outbox_failure, outbox_relay_cursor, outbox_schema_version, outbox_naive CASCADE"
+        )
+    store = OutboxStore.connect(database_url)
+    store.migrate()
+    store.close()
+    with clickhouse_client(clickhouse_url, busy_wait_seconds=30) as client:
+        for table in ("event_log", "event_log_limit", "event_log_naive"):
+            client.command(f"DROP TABLE IF EXISTS {table}")
+            client.command(EVENT_LOG_MIGRATION.replace("IF NOT EXISTS event_log", f"IF NOT EXISTS {table}"))
+
+
+def load_backlog(database_url: str, events: int) -> float:
+    started = time.perf_counter()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(_GENERATE_EVENTS, (events,))
+        conn.execute("VACUUM ANALYZE outbox")
+    return time.perf_counter() - started
+
+
+def measure_limit(database_url: str, clickhouse_url: str) -> dict:
+    """COPY out in chunks on a reader thread, CSV inserts on this one: no bookkeeping at all."""
+    chunks: queue.Queue = queue.Queue(maxsize=2)
+    columns = ", ".join(EVENT_COLUMNS)
+
+    failure: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            stream()
+        except BaseException as exc:  # surfaced on the main thread
+            failure.append(exc)
+        finally:
+            chunks.put(None)
+
+    def stream() -> None:
+        with psycopg.connect(database_url, options="-c TimeZone=UTC") as conn, conn.cursor() as cur:
+            with cur.copy(f"COPY (SELECT {columns} FROM outbox ORDER BY txid, id) TO STDOUT (FORMAT csv, FORCE_QUOTE *)") as copy:
+                buffer, lines = bytearray(), 0
+                for data in copy:
+                    buffer += data
+                    lines += bytes(data).count(b"\n")  # payloads here have no newlines
+                    if lines >= LIMIT_CHUNK:
+                        cut = buffer.rfind(b"\n") + 1
+                        chunks.put(bytes(buffer[:cut]))
+                        del buffer[:cut]
+                        lines = 0
+                if buffer:
+                    chunks.put(bytes(buffer))
+
+    with clickhouse_client(clickhouse_url, busy_wait_seconds=30) as client:
+        started = time.perf_counter()
+        reader = threading.Thread(target=read)
+        reader.start()
+        while (chunk := chunks.get()) is not None:
+            client.raw_insert("event_log_limit", list(EVENT_COLUMNS), chunk, fmt="CSV",
+                              settings={"date_time_input_format": "best_effort", "format_csv_allow_single_quotes": 0})
+        reader.join()
+        if failure:
+            raise failure[0]
+        seconds = time.perf_counter() - started
+        rows = client.command("SELECT count() FROM event_log_limit")
+    return {"rows": int(rows), "seconds": seconds}
+
+
+def measure_relay(database_url: str, clickhouse_url: str, batch_size: int | None) -> dict:
+    """The Dagster job, in a child process: events/s and the child's own peak memory."""
+    env = {**os.environ, "OUTBOX_DATABASE_URL": database_url, "CLICKHOUSE_URL": clickhouse_url,
+           "OUTBOX_MAX_BATCHES_PER_RUN": "100000", "OUTBOX_MAX_SECONDS_PER_RUN": "3600"}
+    env.pop("SENTRY_CONFIG_DSN", None)
+    if batch_size:
+        env["OUTBOX_BATCH_SIZE"] = str(batch_size)
+    result = subprocess.run([sys.executable, "-m", "outbox_pipeline.bench", "--run-relay-child"],
+                            env=env, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"relay child failed: {result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _relay_child() -> None:
+    import logging
+
+    import dagster as dg
+
+    logging.disable(logging.CRITICAL)
+    from outbox_pipeline.definitions import build_resources
+    from outbox_pipeline.jobs import process_outbox_events
+
+    with dg.instance_for_test() as instance:
+        started = time.perf_counter()
+        run = process_outbox_events.execute_in_process(instance=instance, resources=build_resources(), raise_on_error=True)
+        seconds = time.perf_counter() - started
+    summary = run.output_for_node("report_relay_run")
+    print(json.dumps({"rows": summary["events_loaded"], "batches": summary["batches"], "seconds": seconds,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def measure_naive(database_url: str, clickhouse_url: str) -> dict:
+    """One insert per event and a processed flag per row: what a hand-written task often does."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            f"CREATE TABLE outbox_naive AS SELECT id, {', '.join(EVENT_COLUMNS)}, NULL::timestamptz AS processed_at "
+            f"FROM outbox ORDER BY id LIMIT {NAIVE_SAMPLE}"
+        )
+        conn.execute("ALTER TABLE outbox_naive ADD PRIMARY KEY (id)")
+    with psycopg.connect(database_url, autocommit=True) as conn, clickhouse_client(clickhouse_url, busy_wait_seconds=30) as client:
+        started = time.perf_counter()
+        rows = conn.execute(f"SELECT id, {', '.join(EVENT_COLUMNS)} FROM outbox_naive WHERE processed_at IS NULL ORDER BY id").fetchall()
+        for row in rows:
+            client.insert("event_log_naive", [list(row[1:])], column_names=list(EVENT_COLUMNS))
+            conn.execute("UPDATE outbox_naive SET processed_at = now() WHERE id = %s", (row[0],))
+        seconds = time.perf_counter() - started
+    return {"rows": len(rows), "seconds": seconds}
+
+
+def outbox_statistics(database_url: str) -> dict:
+    store = OutboxStore.connect(database_url)
+    try:
+        return store.table_statistics()
+    finally:
+        store.close()
+
+
+def run_table(database_url: str, clickhouse_url: str, events: int, batch_size: int | None) -> dict:
+    reset_stores(database_url, clickhouse_url)
+    load_seconds = load_backlog(database_url, events)
+    limit = measure_limit(database_url, clickhouse_url)
+    relay = measure_relay(database_url, clickhouse_url, batch_size)
+    naive = measure_naive(database_url, clickhouse_url)
+    stats = outbox_statistics(database_url)
+    with clickhouse_client(clickhouse_url, busy_wait_seconds=30) as client:
+        rows, distinct = client.query("SELECT count(), uniqExact(event_id) FROM event_log").result_rows[0]
+    rate = lambda m: m["rows"] / m["seconds"]
+    return {
+        "events": events, "load_seconds": load_seconds,
+        "relay_eps": rate(relay), "limit_eps": rate(limit), "naive_eps": rate(naive),
+        "relay_over_limit": rate(relay) / rate(limit), "relay_over_naive": rate(relay) / rate(naive),
+        "relay_peak_rss_mb": relay["peak_rss_mb"], "relay_batches": relay["batches"],
+        "outbox_total_mb": stats["total_bytes"] / 2**20, "outbox_index_mb": stats["index_bytes"] / 2**20,
+        "dead_tuples": stats["dead_tuples"], "clickhouse_rows": int(rows), "clickhouse_distinct": int(distinct),
+    }
+
+
+def print_table(results: list[dict]) -> None:
+    header = ["", *[f"N = {r['events']:,}" for r in results]]
+    lines = [
+        ("relay (process_outbox_events), events/s", "relay_eps", "{:,.0f}"),
+        ("practical limit (COPY -> insert, overlapped), events/s", "limit_eps", "{:,.0f}"),
+        (f"naive relay (1 insert + 1 UPDATE per event, {NAIVE_SAMPLE:,} sample), events/s", "naive_eps", "{:,.0f}"),
+        ("relay / limit", "relay_over_limit", "{:.2f}"),
+        ("relay / naive", "relay_over_naive", "{:,.0f}x"),
+        ("relay batches", "relay_batches", "{:,}"),
+        ("relay peak RSS, MB", "relay_peak_rss_mb", "{:,.0f}"),
+        ("outbox table + indexes after run, MB", "outbox_total_mb", "{:,.1f}"),
+        ("outbox indexes, MB", "outbox_index_mb", "{:,.1f}"),
+        ("outbox dead tuples after run", "dead_tuples", "{:,}"),
+        ("ClickHouse count() / uniqExact(event_id)", None, None),
+    ]
+    width = max(len(label) for label, _, _ in lines)
+    print(f"{'':<{width}}  " + "  ".join(f"{h:>14}" for h in header[1:]))
+    for label, key, fmt in lines:
+        if key is None:
+            cells = [f"{r['clickhouse_rows']:,}/{r['clickhouse_distinct']:,}" for r in results]
+        else:
+            cells = [fmt.format(r[key]) for r in results]
+        print(f"{label:<{width}}  " + "  ".join(f"{c:>14}" for c in cells))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m outbox_pipeline.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, action="append", help="backlog size; repeat for several (default 100000)")
+    parser.add_argument("--batch-size", type=int, default=None, help="relay batch size (default OUTBOX_BATCH_SIZE)")
+    parser.add_argument("--latency-seconds", type=float, default=0, help="also measure commit-to-ClickHouse latency for this long per mode")
+    parser.add_argument("--latency-rate", type=float, default=1000, help="producer events per second for the latency measurement")
+    parser.add_argument("--run-relay-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.run_relay_child:
+        _relay_child()
+        return 0
+    workdir = Path(tempfile.mkdtemp(prefix="outbox-bench-"))
+    try:
+        database_url = os.environ.get("OUTBOX_BENCH_DATABASE_URL") or embedded_postgres_url(workdir / "postgres", delete_on_exit=True)
+        clickhouse_url = f"chdb://{workdir / 'clickhouse'}"
+        results = []
+        for events in args.events or [100_000]:
+            print(f"measuring N = {events:,} ...", file=sys.stderr, flush=True)
+            results.append(run_table(database_url, clickhouse_url, events, args.batch_size))
+        print_table(results)
+        if args.latency_seconds:
+            from outbox_pipeline.bench_latency import measure_latency_modes
+
+            measure_latency_modes(database_url, clickhouse_url, seconds=args.latency_seconds, rate=args.latency_rate)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
