@@ -1,5 +1,6 @@
 """The code location: every asset, check, job, sensor, schedule and resource of the project."""
 
+import logging
 import os
 
 import dagster as dg
@@ -9,18 +10,24 @@ from outbox_pipeline.jobs import (
     check_event_log,
     cleanup_outbox,
     process_outbox_events,
+    relay_low_latency,
     replay_outbox_events,
     requeue_failed_events,
 )
 from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor
+from outbox_pipeline.monitoring.sensors import MONITORING_SENSORS
 from outbox_pipeline.monitoring.sentry_setup import init_sentry
 from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
 from outbox_pipeline.schedules import SCHEDULES
 from outbox_pipeline.sensors import outbox_pending_sensor
 from outbox_pipeline.settings import RelaySettings
 
-# Sensors run in the code server: start Sentry there too (a no-op without a DSN).
-init_sentry()
+# Sensors run in the code server: start Sentry there too (a no-op without a DSN). A bad
+# Sentry setting must not keep the code location from loading.
+try:
+    init_sentry()
+except ValueError as exc:
+    logging.getLogger(__name__).warning(f"Sentry is off in the code server: {exc}")
 
 _settings = RelaySettings.from_env()
 
@@ -40,8 +47,15 @@ def build_resources(settings: RelaySettings | None = None) -> dict:
     }
 
 
-JOBS = [process_outbox_events, requeue_failed_events, replay_outbox_events, cleanup_outbox, check_event_log]
-SENSORS = [outbox_pending_sensor]
+JOBS = [
+    process_outbox_events,
+    relay_low_latency,
+    requeue_failed_events,
+    replay_outbox_events,
+    cleanup_outbox,
+    check_event_log,
+]
+SENSORS = [outbox_pending_sensor, *MONITORING_SENSORS]
 
 defs = dg.Definitions(
     assets=[event_log],

@@ -51,7 +51,9 @@ def validate_clickhouse_url(url: str) -> None:
         raise ConfigurationError(f"CLICKHOUSE_URL is not a valid URL ({exc}); {_URL_HELP}") from None
     if parsed.scheme == "chdb":
         if parsed.netloc or not parsed.path.startswith("/"):
-            raise ConfigurationError(f"CLICKHOUSE_URL {url!r} must name an absolute path, as chdb:///absolute/path")
+            raise ConfigurationError(
+                f"CLICKHOUSE_URL must name an absolute path, as chdb:///absolute/path (got {describe_clickhouse_url(url)})"
+            )
         return
     if parsed.scheme not in ("http", "https"):
         raise ConfigurationError(f"CLICKHOUSE_URL must start with http://, https:// or chdb:// (got {parsed.scheme or 'no scheme'}://); {_URL_HELP}")
