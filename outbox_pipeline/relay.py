@@ -150,7 +150,7 @@ class Relay:
                 if len(rejected) > self.policy.max_rejected_per_batch:
                     raise TooManyRejectedEventsError(
                         f"ClickHouse rejected more than {self.policy.max_rejected_per_batch} events of batch {handle.batch_id} "
-                        f"({_one_line(exc)[:300]}); that points at the event_log table or the server, not the events: "
+                        f"({_one_line(exc)[:600]}); that points at the event_log table or the server, not the events: "
                         "fix it and rerun, every event is still pending"
                     ) from exc
         return LoadResult(
