@@ -1,6 +1,6 @@
 """Benchmark: the relay against the practical limit and a naive relay, on the same stores in one run.
 
-    python -m outbox_pipeline.bench --events 100000 [--events 1000000] [--latency-seconds 20]
+    python -m outbox_pipeline.bench --events 100000 --events 1000000 [--latency-seconds 20] [--clickhouse-url URL]
 
 Stores are fresh: an embedded PostgreSQL and chDB in a temporary directory (or the
 server in OUTBOX_BENCH_DATABASE_URL, whose database is left with bench tables).
@@ -35,10 +35,10 @@ from pathlib import Path
 
 import psycopg
 
-from outbox_pipeline.stores.clickhouse_connection import clickhouse_client
+from outbox_pipeline.stores.clickhouse_connection import clickhouse_client, describe_clickhouse_url
 from outbox_pipeline.stores.event_log_store import MIGRATION as EVENT_LOG_MIGRATION
 from outbox_pipeline.stores.outbox_store import EVENT_COLUMNS, OutboxStore
-from outbox_pipeline.stores.postgres_connection import embedded_postgres_url
+from outbox_pipeline.stores.postgres_connection import describe_postgres_url, embedded_postgres_url
 
 NAIVE_SAMPLE = 10_000
 LIMIT_CHUNK = 50_000
@@ -233,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="relay batch size (default OUTBOX_BATCH_SIZE)")
     parser.add_argument("--latency-seconds", type=float, default=0, help="also measure commit-to-ClickHouse latency for this long per mode")
     parser.add_argument("--latency-rate", type=float, default=1000, help="producer events per second for the latency measurement")
+    parser.add_argument(
+        "--clickhouse-url", default=os.environ.get("OUTBOX_BENCH_CLICKHOUSE_URL"),
+        help="a ClickHouse server to use instead of chDB in a temporary directory (its event_log tables are recreated)",
+    )
     parser.add_argument("--run-relay-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run_relay_child:
@@ -241,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="outbox-bench-"))
     try:
         database_url = os.environ.get("OUTBOX_BENCH_DATABASE_URL") or embedded_postgres_url(workdir / "postgres", delete_on_exit=True)
-        clickhouse_url = f"chdb://{workdir / 'clickhouse'}"
+        clickhouse_url = args.clickhouse_url or f"chdb://{workdir / 'clickhouse'}"
+        print(f"stores: PostgreSQL {describe_postgres_url(database_url)}, ClickHouse {describe_clickhouse_url(clickhouse_url)}", file=sys.stderr)
         results = []
         for events in args.events or [100_000]:
             print(f"measuring N = {events:,} ...", file=sys.stderr, flush=True)
@@ -249,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         print_table(results)
         if args.latency_seconds:
             from outbox_pipeline.bench_latency import measure_latency_modes
+
+            os.environ.update({"OUTBOX_DATABASE_URL": database_url, "CLICKHOUSE_URL": clickhouse_url})
+            reset_stores(database_url, clickhouse_url)
 
             measure_latency_modes(database_url, clickhouse_url, seconds=args.latency_seconds, rate=args.latency_rate)
     finally:

@@ -42,7 +42,7 @@ class TooManyRejectedEventsError(OutboxPipelineError):
 
 @dataclasses.dataclass(frozen=True)
 class RelayPolicy:
-    batch_size: int = 20_000
+    batch_size: int = 100_000
     lease_seconds: float = 300.0
     max_event_attempts: int = 5
     event_retry_base_seconds: float = 30.0

@@ -91,7 +91,7 @@ class RelaySettings:
             outbox_database_url=env.get("OUTBOX_DATABASE_URL") or None,
             clickhouse_url=clickhouse_url,
             environment=env.get("OUTBOX_ENVIRONMENT") or env.get("SENTRY_CONFIG_ENVIRONMENT") or "development",
-            batch_size=_parse_number("OUTBOX_BATCH_SIZE", env.get("OUTBOX_BATCH_SIZE"), 20_000, int, 1),
+            batch_size=_parse_number("OUTBOX_BATCH_SIZE", env.get("OUTBOX_BATCH_SIZE"), 100_000, int, 1),
             max_batches_per_run=_parse_number(
                 "OUTBOX_MAX_BATCHES_PER_RUN", env.get("OUTBOX_MAX_BATCHES_PER_RUN"), 50, int, 1
             ),

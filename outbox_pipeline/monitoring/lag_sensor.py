@@ -232,7 +232,7 @@ def outbox_lag_sensor(context: dg.SensorEvaluationContext, outbox: OutboxDatabas
     state = LagState.from_cursor(context.cursor)
     try:
         with outbox.short_lived_store() as store:
-            counts = store.counts()
+            counts = store.counts(include_processed=False)
     except psycopg.Error as exc:
         # The incident state is kept: the next tick that reads the outbox goes on from it.
         return dg.SkipReason(f"outbox unavailable: {translate_postgres_error(exc, outbox.url or 'embedded')}")

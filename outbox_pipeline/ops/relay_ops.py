@@ -74,12 +74,11 @@ def extract_outbox_batches(
 ):
     relay = build_relay(context, outbox, None, monitor, config.batch_size)
     deadline = time.time() + config.max_seconds
-    counts = outbox.store().counts()
+    counts = outbox.store().counts(include_processed=False)
     monitor.set_data(batch_size=config.batch_size, queue_size_before=counts.pending, batches=0, events_processed=0, events_failed=0)
     monitor.gauge("outbox.queue_size", counts.pending)
     context.log.info(f"{counts.pending} events pending; claiming up to {config.max_batches} batches of {config.batch_size}")
     claimed = 0
-    handles = []
     while claimed < config.max_batches:
         with monitor.span("extract", "claim outbox batch") as span:
             handle = relay.claim()
@@ -89,9 +88,9 @@ def extract_outbox_batches(
         if handle is None:
             break
         claimed += 1
-        handles.append(handle)
+        # Reading the first batch starts while the others are still being claimed.
+        outbox.prefetcher().plan([handle])
         yield dg.DynamicOutput(ClaimedBatch(handle, deadline), mapping_key=f"batch_{handle.batch_id}")
-    outbox.prefetcher().plan(handles)
     context.log.info(f"claimed {claimed} batches")
 
 
@@ -166,7 +165,7 @@ def report_relay_run(
     stats = context.instance.get_run_stats(context.run_id)
     duration = max(time.time() - (stats.start_time or time.time()), 1e-6)
     loaded = sum(b.loaded_rows for b in batches)
-    counts = outbox.store().counts()
+    counts = outbox.store().counts(include_processed=False)
     lag = counts.oldest_pending_age_seconds or 0.0
     monitor.set_data(queue_size_after=counts.pending)
     monitor.gauge("outbox.queue_size", counts.pending)

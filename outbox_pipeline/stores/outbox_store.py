@@ -142,6 +142,12 @@ INSERT_EVENT = (
     "INSERT INTO outbox (event_id, event_type, event_date_time, environment, event_context, metadata_version) "
     "VALUES ({p}, {p}, {p}, {p}, {p}, {p})"
 )
+# Rows after the relay cursor whose transactions are all finished (txid below the horizon).
+_NEXT_KEYS = """
+    SELECT txid, id, created_at FROM outbox
+    WHERE (txid, id) > (%(txid)s, %(id)s) AND txid < %(horizon)s
+"""
+
 # Producers' commits wake the low-latency relay through this channel.
 NOTIFY_CHANNEL = "outbox_pipeline_events"
 _COMMIT_NOTIFICATIONS = f"""
@@ -328,23 +334,22 @@ class OutboxStore:
             cursor_txid, cursor_id = self.conn.execute(
                 "SELECT claimed_txid, claimed_id FROM outbox_relay_cursor WHERE singleton FOR UPDATE"
             ).fetchone()
-            bounds = self.conn.execute(
-                """
-                WITH next_rows AS MATERIALIZED (
-                    SELECT txid, id, created_at FROM outbox
-                    WHERE (txid, id) > (%(txid)s, %(id)s) AND txid < %(horizon)s
-                    ORDER BY txid, id LIMIT %(n)s
-                )
-                SELECT f.txid, f.id, l.txid, l.id, c.n, c.oldest
-                FROM (SELECT txid, id FROM next_rows ORDER BY txid, id LIMIT 1) f,
-                     (SELECT txid, id FROM next_rows ORDER BY txid DESC, id DESC LIMIT 1) l,
-                     (SELECT count(*) AS n, min(created_at) AS oldest FROM next_rows) c
-                """,
-                {"txid": cursor_txid, "id": cursor_id, "horizon": horizon, "n": batch_size},
-            ).fetchone()
-            if bounds is None:
+            params = {"txid": cursor_txid, "id": cursor_id, "horizon": horizon, "n": batch_size}
+            # Index scans only: the first key, then the n-th (or, for a short tail, the last and the count).
+            first = self.conn.execute(_NEXT_KEYS + "ORDER BY txid, id LIMIT 1", params).fetchone()
+            if first is None:
                 return None
-            first_txid, first_id, last_txid, last_id, row_count, oldest = bounds
+            first_txid, first_id, oldest = first
+            last = self.conn.execute(_NEXT_KEYS + "ORDER BY txid, id OFFSET %(n)s - 1 LIMIT 1", params).fetchone()
+            if last is not None:
+                last_txid, last_id, _ = last
+                row_count = batch_size
+            else:
+                last_txid, last_id, _, row_count = self.conn.execute(
+                    f"SELECT * FROM ({_NEXT_KEYS}) AS tail, LATERAL (SELECT count(*) FROM ({_NEXT_KEYS}) AS n) AS c "
+                    "ORDER BY txid DESC, id DESC LIMIT 1",
+                    params,
+                ).fetchone()
             row = self.conn.execute(
                 """
                 INSERT INTO outbox_batch (kind, first_txid, first_id, last_txid, last_id, row_count,
@@ -413,14 +418,14 @@ class OutboxStore:
             """
         return query, (handle.batch_id, start, stop - start)
 
-    def read_block_csv(self, handle: BatchHandle, start: int, stop: int) -> bytes:
+    def read_block_csv(self, handle: BatchHandle, start: int, stop: int) -> bytearray:
         """Rows ``start:stop`` of the batch as CSV in event_log column order, straight from COPY."""
         query, params = self._batch_rows_query(handle, _SELECT_EVENT_COLUMNS, start, stop)
         buffer = bytearray()
         with self.conn.cursor() as cur, cur.copy(f"COPY ({query}) {_COPY_CSV}", params) as copy:
             for chunk in copy:
                 buffer += chunk
-        return bytes(buffer)
+        return buffer  # not copied into bytes: a batch can be tens of megabytes
 
     def read_block_identities(self, handle: BatchHandle, start: int, stop: int) -> list[tuple[int, str]]:
         query, params = self._batch_rows_query(handle, "o.id, o.event_id::text", start, stop)
@@ -526,13 +531,21 @@ class OutboxStore:
         ).fetchone()
         return "/".join(str(part) for part in row)
 
-    def counts(self) -> OutboxCounts:
+    def counts(self, *, include_processed: bool = True) -> OutboxCounts:
+        """Pending (waiting, in flight, awaiting a retry), processed and failed events.
+
+        ``include_processed=False`` skips counting the whole table (``processed`` is
+        then 0): what a run needs for its queue size.
+        """
         row = self.conn.execute(
             """
             WITH cursor AS (SELECT claimed_txid, claimed_id FROM outbox_relay_cursor),
             beyond AS (
-                SELECT count(*) AS n, min(created_at) AS oldest FROM outbox
-                WHERE (txid, id) > (SELECT claimed_txid, claimed_id FROM cursor)
+                SELECT count(*) AS n,
+                       -- the oldest transaction's first row: an index lookup, not a scan
+                       (SELECT created_at FROM outbox WHERE (txid, id) > (SELECT claimed_txid, claimed_id FROM cursor)
+                        ORDER BY txid, id LIMIT 1) AS oldest
+                FROM outbox WHERE (txid, id) > (SELECT claimed_txid, claimed_id FROM cursor)
             ),
             flight AS (
                 SELECT coalesce(sum(row_count) FILTER (WHERE kind = 'range'), 0) AS n, min(oldest_created_at) AS oldest
@@ -544,16 +557,18 @@ class OutboxStore:
                        min(first_failed_at) FILTER (WHERE state = 'retrying') AS oldest
                 FROM outbox_failure
             )
-            SELECT beyond.n, flight.n, (SELECT count(*) FROM outbox) AS total, failures.retrying, failures.failed,
+            SELECT beyond.n, flight.n, CASE WHEN %s THEN (SELECT count(*) FROM outbox) END AS total,
+                   failures.retrying, failures.failed,
                    extract(epoch FROM now() - least(beyond.oldest, flight.oldest, failures.oldest))
             FROM beyond, flight, failures
-            """
+            """,
+            (include_processed,),
         ).fetchone()
         beyond, in_flight, total, retrying, failed, oldest_age = row
         return OutboxCounts(
             pending=int(beyond + in_flight + retrying),
             in_flight=int(in_flight),
-            processed=int(total - beyond - in_flight - retrying - failed),
+            processed=int(total - beyond - in_flight - retrying - failed) if total is not None else 0,
             retrying=int(retrying),
             failed=int(failed),
             oldest_pending_age_seconds=float(oldest_age) if oldest_age is not None else None,
