@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 from outbox_pipeline.errors import OutboxPipelineError
+from outbox_pipeline.memory import return_large_buffers_to_the_system
 from outbox_pipeline.prefetch import BatchPrefetcher
 from outbox_pipeline.retrying import RetryPolicy, call_with_retries
 from outbox_pipeline.settings import RelaySettings
@@ -106,6 +107,7 @@ class Relay:
         self.retries = 0
         self._on_retry = on_retry
         self._prefetcher = prefetcher
+        return_large_buffers_to_the_system()
 
     # -- the three steps ------------------------------------------------------------------
 
