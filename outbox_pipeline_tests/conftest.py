@@ -54,25 +54,38 @@ def clickhouse_url(tmp_path: Path) -> str:
     return f"chdb://{tmp_path / 'clickhouse'}"
 
 
-@pytest.fixture
-def relay_env(monkeypatch, tmp_path, outbox_database_url, clickhouse_url) -> dict[str, str]:
-    """Environment of a relay on the test stores, with migrations applied."""
-    env = {
+def relay_environment(outbox_database_url: str, clickhouse_url: str, state_dir: Path) -> dict[str, str]:
+    """Variables of a relay on the test stores, Sentry off."""
+    return {
         "OUTBOX_DATABASE_URL": outbox_database_url,
         "CLICKHOUSE_URL": clickhouse_url,
-        "OUTBOX_STATE_DIR": str(tmp_path / "state"),
+        "OUTBOX_STATE_DIR": str(state_dir),
         "OUTBOX_RETRY_BASE_SECONDS": "0.01",
+        "SENTRY_CONFIG_DSN": "",
+        "DEBUG": "",
     }
-    for key in ("SENTRY_CONFIG_DSN", "DEBUG"):
-        monkeypatch.delenv(key, raising=False)
+
+
+def prepare_relay(monkeypatch, outbox_database_url: str, clickhouse_url: str, state_dir: Path) -> dict[str, str]:
+    """Set the relay's environment in this process and apply the migrations of both stores."""
+    env = relay_environment(outbox_database_url, clickhouse_url, state_dir)
     for key, value in env.items():
-        monkeypatch.setenv(key, value)
+        if value:
+            monkeypatch.setenv(key, value)
+        else:
+            monkeypatch.delenv(key, raising=False)
     store = OutboxStore.connect(outbox_database_url)
     store.migrate()
     store.close()
     with event_log_store(clickhouse_url) as event_log:
         event_log.migrate()
     return env
+
+
+@pytest.fixture
+def relay_env(monkeypatch, tmp_path, outbox_database_url, clickhouse_url) -> dict[str, str]:
+    """Environment of a relay on the test stores, with migrations applied."""
+    return prepare_relay(monkeypatch, outbox_database_url, clickhouse_url, tmp_path / "state")
 
 
 class event_log_store:

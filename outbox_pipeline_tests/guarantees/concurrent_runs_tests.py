@@ -21,6 +21,7 @@ from outbox_pipeline.relay import Relay, RelayPolicy
 from outbox_pipeline.retrying import RetryPolicy
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import OutboxStore
+from outbox_pipeline_tests.conftest import relay_environment
 from outbox_pipeline_tests.support.clickhouse_http_server import clear_faults, get_faults, running_clickhouse_http_server, set_faults
 from outbox_pipeline_tests.support.relay_runs import publish_raw
 from outbox_pipeline_tests.support.relay_worker import start_worker, summary_of
@@ -44,14 +45,7 @@ def outbox_pipeline(*args: str, env: dict[str, str]) -> subprocess.CompletedProc
 @pytest.fixture
 def shared_clickhouse_env(outbox_database_url, tmp_path):
     with running_clickhouse_http_server(tmp_path / "clickhouse") as url:
-        env = {
-            "OUTBOX_DATABASE_URL": outbox_database_url,
-            "CLICKHOUSE_URL": url,
-            "OUTBOX_STATE_DIR": str(tmp_path / "state"),
-            "OUTBOX_RETRY_BASE_SECONDS": "0.05",
-        }
-        for key in ("SENTRY_CONFIG_DSN", "DEBUG"):
-            env[key] = ""
+        env = {**relay_environment(outbox_database_url, url, tmp_path / "state"), "OUTBOX_RETRY_BASE_SECONDS": "0.05"}
         outbox_pipeline("init", env=env)
         yield env
 

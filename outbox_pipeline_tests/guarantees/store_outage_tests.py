@@ -14,7 +14,7 @@ import pytest
 
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import OutboxStore
-from outbox_pipeline_tests.conftest import event_log_store
+from outbox_pipeline_tests.conftest import event_log_store, prepare_relay
 from outbox_pipeline_tests.support.clickhouse_http_server import clear_faults, get_faults, running_clickhouse_http_server, set_faults
 from outbox_pipeline_tests.support.relay_runs import publish_raw, run_relay
 
@@ -26,20 +26,8 @@ BATCH = 200  # three batches per run
 def http_relay_env(monkeypatch, tmp_path, outbox_database_url):
     """A relay environment whose ClickHouse is the HTTP test server; yields (env, OutboxStore)."""
     with running_clickhouse_http_server(tmp_path / "clickhouse") as url:
-        env = {
-            "OUTBOX_DATABASE_URL": outbox_database_url,
-            "CLICKHOUSE_URL": url,
-            "OUTBOX_STATE_DIR": str(tmp_path / "state"),
-            "OUTBOX_RETRY_BASE_SECONDS": "0.01",
-        }
-        for key in ("SENTRY_CONFIG_DSN", "DEBUG"):
-            monkeypatch.delenv(key, raising=False)
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
+        env = prepare_relay(monkeypatch, outbox_database_url, url, tmp_path / "state")
         outbox = OutboxStore.connect(outbox_database_url)
-        outbox.migrate()
-        with event_log_store(url) as event_log:
-            event_log.migrate()
         yield env, outbox
         outbox.close()
 
