@@ -12,25 +12,14 @@ import os
 import dagster as dg
 from pydantic import Field
 
-from outbox_pipeline.errors import ConfigurationError
+from outbox_pipeline.settings import parse_number
 from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
 from outbox_pipeline.stores.event_log_store import TABLE
 
 
-def _threshold_from_env(name: str, default: float) -> float:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        parsed = float(value)
-    except ValueError:
-        raise ConfigurationError(f"{name}={value!r} is not a number of seconds") from None
-    if parsed <= 0:
-        raise ConfigurationError(f"{name}={value!r} must be greater than 0")
-    return parsed
-
-
-MAX_LAG_SECONDS = _threshold_from_env("OUTBOX_FRESHNESS_MAX_LAG_SECONDS", 300.0)
+MAX_LAG_SECONDS = parse_number(
+    "OUTBOX_FRESHNESS_MAX_LAG_SECONDS", os.environ.get("OUTBOX_FRESHNESS_MAX_LAG_SECONDS"), 300.0, exclusive=True
+)
 
 event_log = dg.AssetSpec(
     key=TABLE,

@@ -25,7 +25,6 @@ import os
 import queue
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -31,13 +31,17 @@ def parse_bool(name: str, value: str | None, default: bool) -> bool:
     raise ConfigurationError(f"{name}={value!r} is not a boolean; use true or false")
 
 
-def _parse_number(name: str, value: str | None, default, kind, minimum):
+def parse_number(name: str, value: str | None, default, kind=float, minimum=0, *, exclusive: bool = False):
+    """``value`` of variable ``name`` as ``kind``; ``default`` when unset; at least (or above) ``minimum``."""
     if value is None or value.strip() == "":
         return default
     try:
-        parsed = kind(value)
+        parsed = kind(value.strip())
     except ValueError:
-        raise ConfigurationError(f"{name}={value!r} is not a valid {kind.__name__}") from None
+        noun = "whole number" if kind is int else "number"
+        raise ConfigurationError(f"{name}={value!r} is not a {noun}") from None
+    if exclusive and parsed <= minimum:
+        raise ConfigurationError(f"{name}={value!r} must be greater than {minimum}")
     if parsed < minimum:
         raise ConfigurationError(f"{name}={value!r} must be at least {minimum}")
     return parsed
@@ -91,39 +95,39 @@ class RelaySettings:
             outbox_database_url=env.get("OUTBOX_DATABASE_URL") or None,
             clickhouse_url=clickhouse_url,
             environment=env.get("OUTBOX_ENVIRONMENT") or env.get("SENTRY_CONFIG_ENVIRONMENT") or "development",
-            batch_size=_parse_number("OUTBOX_BATCH_SIZE", env.get("OUTBOX_BATCH_SIZE"), 100_000, int, 1),
-            max_batches_per_run=_parse_number(
+            batch_size=parse_number("OUTBOX_BATCH_SIZE", env.get("OUTBOX_BATCH_SIZE"), 100_000, int, 1),
+            max_batches_per_run=parse_number(
                 "OUTBOX_MAX_BATCHES_PER_RUN", env.get("OUTBOX_MAX_BATCHES_PER_RUN"), 50, int, 1
             ),
-            max_seconds_per_run=_parse_number(
+            max_seconds_per_run=parse_number(
                 "OUTBOX_MAX_SECONDS_PER_RUN", env.get("OUTBOX_MAX_SECONDS_PER_RUN"), 300.0, float, 1.0
             ),
-            lease_seconds=_parse_number("OUTBOX_LEASE_SECONDS", env.get("OUTBOX_LEASE_SECONDS"), 300.0, float, 0.1),
-            max_event_attempts=_parse_number(
+            lease_seconds=parse_number("OUTBOX_LEASE_SECONDS", env.get("OUTBOX_LEASE_SECONDS"), 300.0, float, 0.1),
+            max_event_attempts=parse_number(
                 "OUTBOX_MAX_EVENT_ATTEMPTS", env.get("OUTBOX_MAX_EVENT_ATTEMPTS"), 5, int, 1
             ),
-            event_retry_base_seconds=_parse_number(
+            event_retry_base_seconds=parse_number(
                 "OUTBOX_EVENT_RETRY_BASE_SECONDS", env.get("OUTBOX_EVENT_RETRY_BASE_SECONDS"), 30.0, float, 0.0
             ),
-            max_event_bytes=_parse_number(
+            max_event_bytes=parse_number(
                 "OUTBOX_MAX_EVENT_BYTES", env.get("OUTBOX_MAX_EVENT_BYTES"), 1_048_576, int, 1
             ),
-            transient_retry_attempts=_parse_number(
+            transient_retry_attempts=parse_number(
                 "OUTBOX_RETRY_ATTEMPTS", env.get("OUTBOX_RETRY_ATTEMPTS"), 5, int, 1
             ),
-            transient_retry_base_seconds=_parse_number(
+            transient_retry_base_seconds=parse_number(
                 "OUTBOX_RETRY_BASE_SECONDS", env.get("OUTBOX_RETRY_BASE_SECONDS"), 0.5, float, 0.0
             ),
-            sensor_interval_seconds=_parse_number(
+            sensor_interval_seconds=parse_number(
                 "OUTBOX_SENSOR_INTERVAL_SECONDS", env.get("OUTBOX_SENSOR_INTERVAL_SECONDS"), 5, int, 1
             ),
             sensor_enabled=parse_bool("OUTBOX_SENSOR_ENABLED", env.get("OUTBOX_SENSOR_ENABLED"), True),
             schedule_enabled=parse_bool("OUTBOX_SCHEDULE_ENABLED", env.get("OUTBOX_SCHEDULE_ENABLED"), False),
             schedule_cron=env.get("OUTBOX_SCHEDULE_CRON") or "* * * * *",
-            retention_days=_parse_number("OUTBOX_RETENTION_DAYS", env.get("OUTBOX_RETENTION_DAYS"), 30, int, 1),
+            retention_days=parse_number("OUTBOX_RETENTION_DAYS", env.get("OUTBOX_RETENTION_DAYS"), 30, int, 1),
             replay_start_date=env.get("OUTBOX_REPLAY_START_DATE") or "2026-01-01",
             low_latency=parse_bool("OUTBOX_LOW_LATENCY", env.get("OUTBOX_LOW_LATENCY"), False),
-            clickhouse_busy_wait_seconds=_parse_number(
+            clickhouse_busy_wait_seconds=parse_number(
                 "OUTBOX_CLICKHOUSE_BUSY_WAIT_SECONDS", env.get("OUTBOX_CLICKHOUSE_BUSY_WAIT_SECONDS"), 10.0, float, 0.0
             ),
         )

@@ -24,20 +24,13 @@ from typing import Any, Optional
 
 import sentry_sdk.crons
 
+from outbox_pipeline.settings import parse_number
+
 DEFAULT_SLUG = "outbox-relay"
 
 
 def _minutes(environ: Mapping[str, str], name: str, default: int) -> int:
-    raw = (environ.get(name) or "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a whole number") from None
-    if value < 1:
-        raise ValueError(f"{name}={raw!r} must be at least 1")
-    return value
+    return parse_number(name, environ.get(name), default, int, 1)
 
 
 def cron_monitor_slug(environ: Mapping[str, str] = os.environ) -> str:

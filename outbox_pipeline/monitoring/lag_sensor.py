@@ -34,7 +34,7 @@ from outbox_pipeline.monitoring import crons
 from outbox_pipeline.monitoring.run_monitor import RELAY_JOB, metric_attributes
 from outbox_pipeline.monitoring.sentry_setup import flush_sentry, fresh_scope, init_sentry
 from outbox_pipeline.resources import OutboxDatabaseResource
-from outbox_pipeline.settings import parse_bool
+from outbox_pipeline.settings import parse_bool, parse_number
 from outbox_pipeline.stores.outbox_store import OutboxCounts
 from outbox_pipeline.stores.postgres_connection import translate_postgres_error
 
@@ -43,16 +43,7 @@ LEVELS = ("ok", "warning", "error")
 
 
 def _number(environ: Mapping[str, str], name: str, default: float) -> float:
-    raw = (environ.get(name) or "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not a number") from None
-    if value <= 0:
-        raise ConfigurationError(f"{name}={raw!r} must be greater than 0")
-    return value
+    return parse_number(name, environ.get(name), default, exclusive=True)
 
 
 @dataclasses.dataclass(frozen=True)
