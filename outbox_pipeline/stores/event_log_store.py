@@ -89,15 +89,6 @@ class EventLogStore:
         rows, distinct = self.client.query(f"SELECT count(), uniqExact(event_id) FROM {TABLE}").result_rows[0]
         return int(rows), int(distinct)
 
-    def event_ids_on(self, day: dt.date) -> set[str]:
-        result = self.client.query(
-            f"SELECT DISTINCT toString(event_id) FROM {TABLE} "
-            "WHERE event_date_time >= toDateTime64({start:String}, 6, 'UTC') "
-            "AND event_date_time < toDateTime64({end:String}, 6, 'UTC')",
-            parameters={"start": day.isoformat(), "end": (day + dt.timedelta(days=1)).isoformat()},
-        )
-        return {row[0] for row in result.result_rows}
-
     def present_event_ids(self, day: dt.date, event_ids: list[str]) -> set[str]:
         """Which of these event_ids of one UTC day are in event_log."""
         if not event_ids:

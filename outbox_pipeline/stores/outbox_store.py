@@ -574,50 +574,7 @@ class OutboxStore:
             oldest_pending_age_seconds=float(oldest_age) if oldest_age is not None else None,
         )
 
-    def failures(self, limit: int = 100) -> list[dict]:
-        with self.conn.cursor(row_factory=dict_row) as cur:
-            return cur.execute(
-                """
-                SELECT f.event_id::text, o.event_type, f.state, f.attempts, f.last_error, f.next_attempt_at
-                FROM outbox_failure f JOIN outbox o ON o.id = f.outbox_id ORDER BY f.outbox_id LIMIT %s
-                """,
-                (limit,),
-            ).fetchall()
-
     # -- replay and retention -------------------------------------------------------------
-
-    def read_day_csv(self, day: dt.date, exclude_event_ids: set[str] | None = None) -> tuple[bytes, int]:
-        """All events of one UTC day of event_date_time, in id order, as CSV; with their count."""
-        params: list = [day, day + dt.timedelta(days=1)]
-        exclude = ""
-        if exclude_event_ids:
-            exclude = "AND NOT (o.event_id = ANY(%s::uuid[]))"
-            params.append(list(exclude_event_ids))
-        query = f"""
-            SELECT {_SELECT_EVENT_COLUMNS} FROM outbox o
-            WHERE o.event_date_time >= %s::date::timestamptz AND o.event_date_time < %s::date::timestamptz {exclude}
-            ORDER BY o.id
-        """
-        buffer = bytearray()
-        rows = 0
-        with self.conn.cursor() as cur, cur.copy(f"COPY ({query}) {_COPY_CSV}", params) as copy:
-            for chunk in copy:
-                buffer += chunk
-            rows = cur.rowcount
-        return bytes(buffer), rows
-
-    def day_event_ids(self, day: dt.date) -> list[str]:
-        return [
-            r[0]
-            for r in self.conn.execute(
-                "SELECT event_id::text FROM outbox WHERE event_date_time >= %s::date::timestamptz "
-                "AND event_date_time < %s::date::timestamptz ORDER BY id",
-                (day, day + dt.timedelta(days=1)),
-            ).fetchall()
-        ]
-
-    def oldest_event_created_at(self) -> dt.datetime | None:
-        return self.conn.execute("SELECT min(created_at) FROM outbox").fetchone()[0]
 
     def delete_processed_before(self, cutoff: dt.datetime, *, chunk_size: int) -> int:
         """Delete one chunk of processed events created before ``cutoff``; returns how many.
