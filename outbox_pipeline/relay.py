@@ -181,6 +181,14 @@ class Relay:
     def release(self, handle: BatchHandle) -> None:
         self._postgres("releasing the batch", lambda: self.outbox.release_batch(handle))
 
+    def release_after_failure(self, handle: BatchHandle) -> bool:
+        """Give a batch whose load failed back at once, not after its lease; False if that failed too."""
+        try:
+            self.release(handle)
+        except Exception:
+            return False  # its lease frees it
+        return True
+
     # -- loops ------------------------------------------------------------------------------
 
     def drain(self, *, max_batches: int | None = None, deadline: float | None = None) -> RunTotals:
@@ -193,7 +201,11 @@ class Relay:
             handle = self.claim()
             if handle is None:
                 break
-            result = self.load(handle)
+            try:
+                result = self.load(handle)
+            except Exception:
+                self.release_after_failure(handle)
+                raise
             # A batch taken over by another run (our lease expired) is that run's to count.
             if self.mark(result, handle):
                 totals.add(result)

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from outbox_pipeline_tests.conftest import event_log_store
+from outbox_pipeline_tests.support.clickhouse_http_server import clear_faults, running_clickhouse_http_server, set_faults
 
 
 def outbox_pipeline(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -119,3 +120,20 @@ def test_wrong_password_gets_one_line(cli_env, postgres_server_url):
     result = outbox_pipeline("status", env={**cli_env, "OUTBOX_DATABASE_URL": url})
     assert_one_line_error(result, "rejected the credentials")
     assert "wrong-password" not in result.stderr
+
+
+def test_relay_command_gives_back_a_batch_it_could_not_load(cli_env, tmp_path):
+    with running_clickhouse_http_server(tmp_path / "served-clickhouse") as url:
+        env = {**cli_env, "CLICKHOUSE_URL": url, "OUTBOX_RETRY_ATTEMPTS": "2", "OUTBOX_RETRY_BASE_SECONDS": "0.01"}
+        assert outbox_pipeline("init", env=env).returncode == 0
+        assert outbox_pipeline("demo", "--count", "10", env=env).returncode == 0
+        set_faults(url, fail_next_n=100, match="INSERT")
+        assert_one_line_error(outbox_pipeline("relay", env=env), "inserting into ClickHouse failed 2 times", "nothing was lost")
+        with psycopg.connect(cli_env["OUTBOX_DATABASE_URL"]) as conn:
+            live_leases = conn.execute(
+                "SELECT count(*) FROM outbox_batch WHERE state = 'claimed' AND lease_expires_at > now()"
+            ).fetchone()[0]
+        assert live_leases == 0  # released at once, not left for the lease
+        clear_faults(url)
+        relay = outbox_pipeline("relay", env=env)
+        assert relay.returncode == 0 and "loaded 10 events" in relay.stdout

@@ -117,10 +117,7 @@ def load_batch(
                 span.set_data("inserts", result.inserts)
                 span.set_data("rejected", len(result.rejected))
     except Exception:
-        # Give the batch back at once rather than after the lease: the next run retries it.
-        try:
-            relay.release(handle)
-        except Exception:
+        if not relay.release_after_failure(handle):
             context.log.warning(f"could not release batch {handle.batch_id}; it is retaken when its lease expires")
         raise
     for event in result.rejected:
