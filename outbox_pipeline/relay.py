@@ -93,7 +93,7 @@ class Relay:
     def __init__(
         self,
         outbox: OutboxStore,
-        event_log: EventLogStore,
+        event_log: EventLogStore | None,  # None for a relay that only claims and marks
         policy: RelayPolicy,
         *,
         claimed_by: str,

@@ -39,17 +39,23 @@ class MarkedBatch:
     released: bool
 
 
-def build_relay(context: dg.OpExecutionContext, outbox: OutboxDatabaseResource, clickhouse: ClickHouseResource | None,
-                monitor: RelayRunMonitor, batch_size: int | None = None, prefetch: bool = False) -> Relay:
+def build_relay(
+    context: dg.OpExecutionContext,
+    outbox: OutboxDatabaseResource,
+    monitor: RelayRunMonitor,
+    batch_size: int | None = None,
+    prefetch: bool = False,
+) -> Relay:
+    """A relay on the run's outbox connection; ``load_batch`` attaches ClickHouse itself (with retries)."""
     settings = RelaySettings.from_env()
     policy = RelayPolicy.from_settings(settings, **({"batch_size": batch_size} if batch_size else {}))
     return Relay(
         outbox.store(),
-        clickhouse.store() if clickhouse is not None else None,
+        None,
         policy,
         claimed_by=context.run_id,
         on_retry=monitor.on_retry,
-        prefetcher=outbox.prefetcher() if clickhouse is not None or prefetch else None,
+        prefetcher=outbox.prefetcher() if prefetch else None,
     )
 
 
@@ -72,7 +78,7 @@ def _transient_connect_error(exc: BaseException) -> bool:
 def extract_outbox_batches(
     context: dg.OpExecutionContext, config: RelayRunConfig, outbox: OutboxDatabaseResource, monitor: RelayRunMonitor
 ):
-    relay = build_relay(context, outbox, None, monitor, config.batch_size)
+    relay = build_relay(context, outbox, monitor, config.batch_size)
     deadline = time.time() + config.max_seconds
     counts = outbox.store().counts(include_processed=False)
     monitor.set_data(batch_size=config.batch_size, queue_size_before=counts.pending, batches=0, events_processed=0, events_failed=0)
@@ -103,7 +109,7 @@ def load_batch(
     monitor: RelayRunMonitor,
 ) -> LoadResult:
     handle = claimed.handle
-    relay = build_relay(context, outbox, None, monitor, prefetch=True)
+    relay = build_relay(context, outbox, monitor, prefetch=True)
     if time.time() >= claimed.deadline:
         relay.release(handle)
         context.log.info(f"run time limit reached: batch {handle.batch_id} released for the next run")
@@ -139,7 +145,7 @@ def mark_batch_processed(
     outbox: OutboxDatabaseResource,
     monitor: RelayRunMonitor,
 ) -> MarkedBatch:
-    relay = build_relay(context, outbox, None, monitor)
+    relay = build_relay(context, outbox, monitor)
     with monitor.span("mark", "mark batch processed", batch_id=loaded.batch_id):
         marked = relay.mark(loaded, claimed.handle)
     if marked:

@@ -1312,30 +1312,13 @@ class ClickHouseHttpServerProcess:
 
 
 @contextlib.contextmanager
-def running_clickhouse_http_server(
-    path: str | os.PathLike[str],
-    *,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    user: str | None = None,
-    password: str | None = None,
-    faults: Mapping[str, Any] | None = None,
-    serialize_engine: bool = False,
-    verbose: bool = False,
-    startup_timeout: float = 60.0,
-) -> Iterator[str]:
-    """Run the server on ``path`` and yield ``http://user:password@host:port/default``."""
-    server = ClickHouseHttpServerProcess(
-        path,
-        host=host,
-        port=port,
-        user=user,
-        password=password,
-        faults=faults,
-        serialize_engine=serialize_engine,
-        verbose=verbose,
-        startup_timeout=startup_timeout,
-    )
+def running_clickhouse_http_server(path: str | os.PathLike[str], **options: Any) -> Iterator[str]:
+    """Run the server on ``path`` and yield ``http://user:password@host:port/default``.
+
+    ``options`` are those of :class:`ClickHouseHttpServerProcess` (host, port, user,
+    password, faults, serialize_engine, verbose, startup_timeout).
+    """
+    server = ClickHouseHttpServerProcess(path, **options)
     url = server.start()
     try:
         yield url
