@@ -1,69 +1,48 @@
-"""The code location: every asset, check, job, sensor, schedule and resource of the project."""
+"""The code location: the default relay from the environment, plus every ``OutboxRelay`` in ``defs/``.
+
+``defs`` is what ``dagster dev`` (through workspace.yaml) and ``dg dev`` serve.
+"""
 
 import logging
-import os
+from pathlib import Path
 
 import dagster as dg
 
-from outbox_pipeline.assets import EVENT_LOG_CHECKS, event_log
-from outbox_pipeline.jobs import (
-    check_event_log,
-    cleanup_outbox,
-    process_outbox_events,
-    relay_low_latency,
-    replay_outbox_events,
-    requeue_failed_events,
-)
-from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor
-from outbox_pipeline.monitoring.sensors import MONITORING_SENSORS
+from outbox_pipeline.monitoring.run_failure_sensor import build_run_failure_sensor
 from outbox_pipeline.monitoring.sentry_setup import init_sentry
-from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
-from outbox_pipeline.schedules import SCHEDULES
-from outbox_pipeline.sensors import outbox_pending_sensor
-from outbox_pipeline.settings import RelaySettings
+from outbox_pipeline.relay_defs import build_relay_defs
+from outbox_pipeline.relay_instance import RelayInstance
+from outbox_pipeline.settings import RelaySettings, code_location_settings, load_settings
 
-# Sensors run in the code server: start Sentry there too (a no-op without a DSN). A bad
-# Sentry setting must not keep the code location from loading.
-try:
-    init_sentry()
-except ValueError as exc:
-    logging.getLogger(__name__).warning(f"Sentry is off in the code server: {exc}")
+PROJECT_DEFS = Path(__file__).parent / "defs"
 
-_settings = RelaySettings.from_env()
+
+def build_defs(settings: RelaySettings, *, with_defs_folder: bool = True) -> dg.Definitions:
+    # Sensors run in the code server: start Sentry there too (a no-op without a DSN).
+    init_sentry(settings.sentry)
+    parts = [
+        build_relay_defs(RelayInstance.from_settings(settings)),
+        dg.Definitions(sensors=[build_run_failure_sensor(settings)], executor=dg.in_process_executor),
+    ]
+    if with_defs_folder:
+        parts.append(dg.load_from_defs_folder(path_within_project=PROJECT_DEFS))
+    return dg.Definitions.merge(*parts)
 
 
 def build_resources(settings: RelaySettings | None = None) -> dict:
-    settings = settings or RelaySettings.from_env()
-    # EnvVar keeps the URL (and its password) out of the UI; None selects the embedded server.
-    return {
-        "outbox": OutboxDatabaseResource(
-            url=dg.EnvVar("OUTBOX_DATABASE_URL") if settings.outbox_database_url else None,
-            state_dir=str(settings.state_dir),
-        ),
-        "clickhouse": ClickHouseResource(
-            url=dg.EnvVar("CLICKHOUSE_URL") if os.environ.get("CLICKHOUSE_URL") else settings.clickhouse_url
-        ),
-        "monitor": RelayRunMonitor(),
-    }
+    """The default relay's run resources for ``settings`` (default: read the environment now)."""
+    from outbox_pipeline.relay_defs import build_resources as build_relay_resources
+
+    return build_relay_resources(RelayInstance.from_settings(settings or load_settings()))
 
 
-JOBS = [
-    process_outbox_events,
-    relay_low_latency,
-    requeue_failed_events,
-    replay_outbox_events,
-    cleanup_outbox,
-    check_event_log,
-]
-SENSORS = [outbox_pending_sensor, *MONITORING_SENSORS]
+def _load() -> dg.Definitions:
+    try:
+        return build_defs(code_location_settings())
+    except Exception as exc:
+        # One line naming the variable, not a traceback through Dagster's loader.
+        logging.getLogger(__name__).error(f"outbox_pipeline: {exc}")
+        raise
 
-defs = dg.Definitions(
-    assets=[event_log],
-    asset_checks=EVENT_LOG_CHECKS,
-    jobs=JOBS,
-    schedules=SCHEDULES,
-    sensors=SENSORS,
-    resources=build_resources(_settings),
-    # Checks launched from the asset page run in one process too, like every job here.
-    executor=dg.in_process_executor,
-)
+
+defs = _load()

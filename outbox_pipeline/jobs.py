@@ -1,23 +1,24 @@
-"""Jobs of the project. All run in-process: one process per run, ops in sequence.
+"""The jobs of one relay. All run in-process: one process per run, ops in sequence.
 
 In-process execution costs about 0.1 s of overhead per run against about 1 s
 per step for the multiprocess executor, keeps one connection per store for the
 whole run, and keeps the embedded ClickHouse directory in a single process.
+
+The op graphs are defined once; each relay binds them to its own resources
+(``resource_defs``) under its own names.
 """
 
-import datetime as dt
+import dataclasses
 
 import dagster as dg
 
-from outbox_pipeline.assets import event_log
-from outbox_pipeline.errors import ConfigurationError
 from outbox_pipeline.monitoring.hooks import sentry_on_failure
-from outbox_pipeline.ops.maintenance_ops import requeue_failed
 from outbox_pipeline.ops.low_latency_ops import relay_continuously
+from outbox_pipeline.ops.maintenance_ops import requeue_failed
 from outbox_pipeline.ops.relay_ops import extract_outbox_batches, load_batch, mark_batch_processed, report_relay_run
 from outbox_pipeline.ops.replay_ops import replay_outbox_day
 from outbox_pipeline.ops.retention_ops import delete_old_outbox_events
-from outbox_pipeline.settings import RelaySettings
+from outbox_pipeline.relay_instance import RELAY_NAME_TAG, RelayInstance
 
 # Every relay run carries this tag; dagster.yaml limits how many run at once.
 RELAY_TAG = "outbox_pipeline/relay"
@@ -26,84 +27,119 @@ RELAY_TAG = "outbox_pipeline/relay"
 EMBEDDED_CLICKHOUSE_TAG = "outbox_pipeline/embedded_clickhouse"
 
 
-def clickhouse_run_tags(settings: RelaySettings | None = None) -> dict[str, str]:
-    settings = settings or RelaySettings.from_env()
-    return {EMBEDDED_CLICKHOUSE_TAG: "exclusive"} if settings.uses_chdb else {}
+def clickhouse_run_tags(instance: RelayInstance) -> dict[str, str]:
+    return {EMBEDDED_CLICKHOUSE_TAG: "exclusive"} if instance.uses_chdb else {}
 
 
-def relay_run_tags(settings: RelaySettings | None = None) -> dict[str, str]:
-    return {RELAY_TAG: "true", **clickhouse_run_tags(settings)}
+def relay_run_tags(instance: RelayInstance) -> dict[str, str]:
+    return {RELAY_TAG: "true", RELAY_NAME_TAG: instance.name, **clickhouse_run_tags(instance)}
 
 
-@dg.job(
-    description="Move pending outbox events into ClickHouse: claim batches, load each, mark each processed.",
-    executor_def=dg.in_process_executor,
-    hooks={sentry_on_failure},
-    tags=relay_run_tags(),
-)
-def process_outbox_events():
+@dg.graph(description="Move pending outbox events into ClickHouse: claim batches, load each, mark each processed.")
+def relay_graph():
     claimed = extract_outbox_batches()
     marked = claimed.map(lambda batch: mark_batch_processed(batch, load_batch(batch)))
     report_relay_run(marked.collect())
 
 
-@dg.job(
-    description="Put failed events back in line (config: event_ids, event_type or all_failed); the next relay run delivers them.",
-    executor_def=dg.in_process_executor,
-    hooks={sentry_on_failure},
-)
-def requeue_failed_events():
+@dg.graph(description="Put failed events back in line (config: event_ids, event_type or all_failed); the next relay run delivers them.")
+def requeue_graph():
     requeue_failed()
 
 
-def replay_partitions(settings: RelaySettings | None = None) -> dg.DailyPartitionsDefinition:
-    """One partition per UTC day of event_date_time, from OUTBOX_REPLAY_START_DATE through today."""
-    settings = settings or RelaySettings.from_env()
-    try:
-        dt.date.fromisoformat(settings.replay_start_date)
-    except ValueError:
-        raise ConfigurationError(
-            f"OUTBOX_REPLAY_START_DATE={settings.replay_start_date!r} is not a date; use YYYY-MM-DD"
-        ) from None
-    # end_offset=1: today's partition exists too, for a replay of the day so far.
-    return dg.DailyPartitionsDefinition(start_date=settings.replay_start_date, timezone="UTC", end_offset=1)
-
-
-@dg.job(
-    description="Load one day of delivered events (by event_date_time) into ClickHouse again, inserting only what is missing.",
-    executor_def=dg.in_process_executor,
-    hooks={sentry_on_failure},
-    tags=clickhouse_run_tags(),
-    partitions_def=replay_partitions(),
-)
-def replay_outbox_events():
+@dg.graph(description="Load one day of delivered events (by event_date_time) into ClickHouse again, inserting only what is missing.")
+def replay_graph():
     replay_outbox_day()
 
 
-@dg.job(
-    description="Delete processed outbox events older than OUTBOX_RETENTION_DAYS in short chunks; failed events are kept.",
-    executor_def=dg.in_process_executor,
-    hooks={sentry_on_failure},
-)
-def cleanup_outbox():
+@dg.graph(description="Delete processed outbox events older than OUTBOX_RETENTION_DAYS in short chunks; failed events are kept.")
+def cleanup_graph():
     delete_old_outbox_events()
 
 
-check_event_log = dg.define_asset_job(
-    name="check_event_log",
-    selection=dg.AssetSelection.checks_for_assets(event_log.key),
-    description="Run the event_log asset checks: freshness (lag of the oldest pending event) and duplicates.",
-    executor_def=dg.in_process_executor,
-    hooks={sentry_on_failure},
-    tags=clickhouse_run_tags(),
-)
-
-
-@dg.job(
-    description="Low-latency mode: one long run that relays on every producer commit (LISTEN/NOTIFY), then ends.",
-    executor_def=dg.in_process_executor,
-    hooks={sentry_on_failure},
-    tags=relay_run_tags(),
-)
-def relay_low_latency():
+@dg.graph(description="Low-latency mode: one long run that relays on every producer commit (LISTEN/NOTIFY), then ends.")
+def low_latency_graph():
     relay_continuously()
+
+
+@dataclasses.dataclass(frozen=True)
+class RelayJobs:
+    process: dg.JobDefinition
+    low_latency: dg.JobDefinition
+    requeue: dg.JobDefinition
+    replay: dg.JobDefinition
+    cleanup: dg.JobDefinition
+    check: object  # an asset job, resolved when the code location loads
+
+    @property
+    def relay_jobs(self) -> tuple[dg.JobDefinition, dg.JobDefinition]:
+        """The jobs that claim and load batches."""
+        return (self.process, self.low_latency)
+
+    def all(self) -> list:
+        return [self.process, self.low_latency, self.requeue, self.replay, self.cleanup, self.check]
+
+
+def replay_partitions(instance: RelayInstance) -> dg.DailyPartitionsDefinition:
+    """One partition per UTC day of event_date_time, from OUTBOX_REPLAY_START_DATE through today."""
+    # end_offset=1: today's partition exists too, for a replay of the day so far.
+    return dg.DailyPartitionsDefinition(
+        start_date=instance.settings.replay_start_date.isoformat(), timezone="UTC", end_offset=1
+    )
+
+
+def build_jobs(instance: RelayInstance, resources: dict) -> RelayJobs:
+    """The relay's jobs, bound to its resources (``outbox``, ``clickhouse``, ``monitor``)."""
+    settings = instance.settings
+    common = dict(executor_def=dg.in_process_executor, hooks={sentry_on_failure}, resource_defs=resources)
+    which = f" (relay {instance.name}: {instance.described_event_types} into {instance.table})"
+    relay_defaults = {
+        "ops": {
+            "extract_outbox_batches": {
+                "config": {
+                    "batch_size": settings.batch_size,
+                    "max_batches": settings.max_batches_per_run,
+                    "max_seconds": settings.max_seconds_per_run,
+                }
+            }
+        }
+    }
+    return RelayJobs(
+        process=relay_graph.to_job(
+            name=instance.named("process_outbox_events"),
+            description=relay_graph.description + which,
+            tags=relay_run_tags(instance),
+            config=relay_defaults,
+            **common,
+        ),
+        low_latency=low_latency_graph.to_job(
+            name=instance.named("relay_low_latency"),
+            description=low_latency_graph.description + which,
+            tags=relay_run_tags(instance),
+            **common,
+        ),
+        requeue=requeue_graph.to_job(
+            name=instance.named("requeue_failed_events"), description=requeue_graph.description + which, **common
+        ),
+        replay=replay_graph.to_job(
+            name=instance.named("replay_outbox_events"),
+            description=replay_graph.description + which,
+            tags=clickhouse_run_tags(instance),
+            partitions_def=replay_partitions(instance),
+            **common,
+        ),
+        cleanup=cleanup_graph.to_job(
+            name=instance.named("cleanup_outbox"),
+            description=cleanup_graph.description + which,
+            config={"ops": {"delete_old_outbox_events": {"config": {"retention_days": settings.retention_days}}}},
+            **common,
+        ),
+        check=dg.define_asset_job(
+            name=instance.named("check_event_log"),
+            selection=dg.AssetSelection.checks_for_assets(instance.asset_key),
+            description="Run the asset's checks: freshness (lag of the oldest pending event) and duplicates" + which + ".",
+            executor_def=dg.in_process_executor,
+            hooks={sentry_on_failure},
+            tags=clickhouse_run_tags(instance),
+        ),
+    )

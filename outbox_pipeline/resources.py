@@ -1,8 +1,9 @@
-"""Dagster resources for the two stores.
+"""Dagster resources of one relay: its outbox (with the relay's identity and settings) and its ClickHouse table.
 
 Connections open lazily, on first use inside a run (and are closed at its end),
 never at import: the webserver, the daemon and the code server all import the
 definitions, and only a run worker may open the embedded ClickHouse directory.
+The resources carry everything ops need, so ops never read the environment.
 """
 
 import contextlib
@@ -10,9 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 
 from outbox_pipeline.prefetch import BatchPrefetcher
+from outbox_pipeline.relay import RelayPolicy
+from outbox_pipeline.retrying import RetryPolicy
 from outbox_pipeline.stores.clickhouse_connection import chdb_path
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import OutboxStore
@@ -20,10 +23,21 @@ from outbox_pipeline.stores.postgres_connection import embedded_postgres_url, va
 
 
 class OutboxDatabaseResource(dg.ConfigurableResource):
-    """The PostgreSQL database holding the outbox; without a URL, the embedded server under ``state_dir``."""
+    """The PostgreSQL outbox as one relay sees it; without a URL, the embedded server under ``state_dir``."""
 
-    url: str | None = None
+    url: str | None = Field(default=None, description="postgresql:// URL; unset: the embedded server.")
     state_dir: str = ".outbox_state"
+    relay_name: str = Field(default="default", description="The relay whose bookkeeping (cursor, batches, failures) this is.")
+    event_types: list[str] = Field(default=[], description="Event-type patterns this relay takes; empty: all.")
+    batch_size: int = 100_000
+    max_batches_per_run: int = 50
+    max_seconds_per_run: float = 300.0
+    lease_seconds: float = 300.0
+    retry_attempts: int = 5
+    retry_base_seconds: float = 0.5
+    max_event_attempts: int = 5
+    event_retry_base_seconds: float = 30.0
+    retention_days: int = 30
 
     _store: OutboxStore | None = PrivateAttr(default=None)
     _prefetcher: BatchPrefetcher | None = PrivateAttr(default=None)
@@ -33,6 +47,23 @@ class OutboxDatabaseResource(dg.ConfigurableResource):
             validate_postgres_url(self.url)
             return self.url
         return embedded_postgres_url(Path(self.state_dir) / "postgres")
+
+    @property
+    def described_url(self) -> str:
+        return self.url or f"embedded PostgreSQL in {self.state_dir}"
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(self.retry_attempts, self.retry_base_seconds)
+
+    def policy(self, batch_size: int | None = None) -> RelayPolicy:
+        return RelayPolicy(
+            batch_size=batch_size or self.batch_size,
+            lease_seconds=self.lease_seconds,
+            max_event_attempts=self.max_event_attempts,
+            event_retry_base_seconds=self.event_retry_base_seconds,
+            retry=self.retry,
+        )
 
     def store(self) -> OutboxStore:
         """The run's connection, opened on first use."""
@@ -68,10 +99,16 @@ class ClickHouseResource(dg.ConfigurableResource):
     """ClickHouse from one URL: ``http(s)://user:password@host:port/db`` or ``chdb:///absolute/path``."""
 
     url: str
+    table: str = Field(default="event_log", description="The destination table.")
+    asset_key: list[str] = Field(default=["event_log"], description="The Dagster asset that stands for the table.")
     # A run that finds the embedded directory held (say by `outbox-pipeline status`) waits this long.
     busy_wait_seconds: float = 30.0
 
     _store: EventLogStore | None = PrivateAttr(default=None)
+
+    @property
+    def asset(self) -> dg.AssetKey:
+        return dg.AssetKey(self.asset_key)
 
     @property
     def is_embedded(self) -> bool:

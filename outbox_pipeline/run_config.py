@@ -1,28 +1,25 @@
-"""Run configuration (``dg.Config``) with defaults from the environment.
+"""Run configuration (``dg.Config``) of the relay's op jobs.
 
-Defaults are read when the code location loads, so the launchpad shows the values
-that a run started by the sensor would use.
+Unset fields take the relay's own setting (its resources carry them); each job's
+default run configuration fills them in, so the Launchpad shows the values a
+sensor-started run uses.
 """
 
 import dagster as dg
 from pydantic import Field
 
-from outbox_pipeline.settings import RelaySettings
-
-_settings = RelaySettings.from_env()
-
 
 class RelayRunConfig(dg.Config):
-    batch_size: int = Field(
-        default=_settings.batch_size, ge=1, le=1_000_000, description="Events per batch: one ClickHouse insert each (OUTBOX_BATCH_SIZE)."
+    batch_size: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="Events per batch: one ClickHouse insert each (unset: OUTBOX_BATCH_SIZE)."
     )
-    max_batches: int = Field(
-        default=_settings.max_batches_per_run, ge=1, description="Stop claiming after this many batches (OUTBOX_MAX_BATCHES_PER_RUN)."
+    max_batches: int | None = Field(
+        default=None, ge=1, description="Stop claiming after this many batches (unset: OUTBOX_MAX_BATCHES_PER_RUN)."
     )
-    max_seconds: float = Field(
-        default=_settings.max_seconds_per_run,
+    max_seconds: float | None = Field(
+        default=None,
         gt=0,
-        description="Stop loading after this many seconds; unloaded batches are released (OUTBOX_MAX_SECONDS_PER_RUN).",
+        description="Stop loading after this many seconds; unloaded batches are released (unset: OUTBOX_MAX_SECONDS_PER_RUN).",
     )
 
 
@@ -33,7 +30,7 @@ class RequeueConfig(dg.Config):
 
 
 class CleanupConfig(dg.Config):
-    retention_days: int = Field(
-        default=_settings.retention_days, ge=1, description="Delete processed events created more than this many days ago (OUTBOX_RETENTION_DAYS)."
+    retention_days: int | None = Field(
+        default=None, ge=1, description="Delete processed events created more than this many days ago (unset: OUTBOX_RETENTION_DAYS)."
     )
     chunk_size: int = Field(default=5_000, ge=1, description="Rows per DELETE: each chunk is its own short transaction.")

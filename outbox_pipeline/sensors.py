@@ -1,17 +1,15 @@
-"""The sensor that starts the relay when events are pending."""
+"""The sensor that starts a relay when events are pending."""
 
 import time
 
 import dagster as dg
 import psycopg
 
+from outbox_pipeline.assets import resource_keys
 from outbox_pipeline.errors import OutboxPipelineError
-from outbox_pipeline.jobs import process_outbox_events, relay_low_latency, relay_run_tags
-from outbox_pipeline.resources import OutboxDatabaseResource
-from outbox_pipeline.settings import RelaySettings
+from outbox_pipeline.jobs import RelayJobs, relay_run_tags
+from outbox_pipeline.relay_instance import RelayInstance
 from outbox_pipeline.stores.postgres_connection import translate_postgres_error
-
-_settings = RelaySettings.from_env()
 
 ACTIVE_STATUSES = [
     dg.DagsterRunStatus.QUEUED,
@@ -23,20 +21,15 @@ ACTIVE_STATUSES = [
 MAX_FAILURE_BACKOFF_SECONDS = 300
 
 
-RELAY_JOBS = (process_outbox_events, relay_low_latency)
-
-
-def active_relay_run(instance: dg.DagsterInstance) -> dg.RunRecord | None:
-    for job in RELAY_JOBS:
-        records = instance.get_run_records(dg.RunsFilter(job_name=job.name, statuses=ACTIVE_STATUSES), limit=1)
+def active_relay_run(instance: dg.DagsterInstance, job_names: tuple[str, ...]) -> dg.RunRecord | None:
+    for job_name in job_names:
+        records = instance.get_run_records(dg.RunsFilter(job_name=job_name, statuses=ACTIVE_STATUSES), limit=1)
         if records:
             return records[0]
     return None
 
 
-def failure_backoff_remaining(
-    instance: dg.DagsterInstance, interval: float, now: float, job_name: str = process_outbox_events.name
-) -> float:
+def failure_backoff_remaining(instance: dg.DagsterInstance, interval: float, now: float, job_name: str) -> float:
     """After consecutive failed relay runs, wait interval * 2^(failures-1) (capped) before the next."""
     records = instance.get_run_records(dg.RunsFilter(job_name=job_name), limit=8)
     failures = 0
@@ -51,47 +44,58 @@ def failure_backoff_remaining(
     return max(0.0, ended + wait - now)
 
 
-@dg.sensor(
-    jobs=list(RELAY_JOBS),
-    minimum_interval_seconds=_settings.sensor_interval_seconds,
-    default_status=dg.DefaultSensorStatus.RUNNING if _settings.sensor_enabled else dg.DefaultSensorStatus.STOPPED,
-    description=(
-        "Starts process_outbox_events when events are pending and no relay run is queued or running; "
-        "with OUTBOX_LOW_LATENCY=true keeps one relay_low_latency run going instead."
-    ),
-)
-def outbox_pending_sensor(context: dg.SensorEvaluationContext, outbox: OutboxDatabaseResource):
-    active = active_relay_run(context.instance)
-    if active is not None:
-        return dg.SkipReason(f"relay run {active.dagster_run.run_id} is {active.dagster_run.status.value}")
-    if _settings.low_latency:
-        return low_latency_run_request(context.instance)
-    remaining = failure_backoff_remaining(context.instance, _settings.sensor_interval_seconds, time.time())
-    if remaining > 0:
-        return dg.SkipReason(f"the last relay runs failed; next attempt in {remaining:.0f} s")
-    try:
-        with outbox.short_lived_store() as store:
-            if not store.has_pending_work():
-                return dg.SkipReason("no pending events")
-            fingerprint = store.pending_work_fingerprint()
-    except psycopg.Error as exc:
-        return dg.SkipReason(f"outbox unavailable: {translate_postgres_error(exc, outbox.url or 'embedded')}")
-    except OutboxPipelineError as exc:
-        return dg.SkipReason(f"outbox unavailable: {exc}")
-    last = context.instance.get_run_records(dg.RunsFilter(job_name=process_outbox_events.name), limit=1)
-    last_run_id = last[0].dagster_run.run_id if last else "none"
-    # The key names the waiting work and the last run that saw it: the daemon never
-    # launches two runs for one key, and a new key appears once that run has ended.
-    return dg.RunRequest(
-        run_key=f"{fingerprint}/{last_run_id}", job_name=process_outbox_events.name, tags=relay_run_tags(_settings)
+def build_pending_sensor(instance: RelayInstance, jobs: RelayJobs) -> dg.SensorDefinition:
+    settings = instance.settings
+    outbox_key, _ = resource_keys(instance)
+    relay_job_names = tuple(job.name for job in jobs.relay_jobs)
+    tags = relay_run_tags(instance)
+
+    @dg.sensor(
+        name=instance.named("outbox_pending_sensor"),
+        jobs=list(jobs.relay_jobs),
+        minimum_interval_seconds=settings.sensor_interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING if settings.sensor_enabled else dg.DefaultSensorStatus.STOPPED,
+        required_resource_keys={outbox_key},
+        description=(
+            f"Starts {jobs.process.name} when events are pending and no relay run is queued or running; "
+            f"with OUTBOX_LOW_LATENCY=true keeps one {jobs.low_latency.name} run going instead."
+        ),
     )
+    def outbox_pending_sensor(context: dg.SensorEvaluationContext):
+        active = active_relay_run(context.instance, relay_job_names)
+        if active is not None:
+            return dg.SkipReason(f"relay run {active.dagster_run.run_id} is {active.dagster_run.status.value}")
+        if settings.low_latency:
+            return low_latency_run_request(context.instance, jobs.low_latency.name, settings.sensor_interval_seconds, tags)
+        remaining = failure_backoff_remaining(context.instance, settings.sensor_interval_seconds, time.time(), jobs.process.name)
+        if remaining > 0:
+            return dg.SkipReason(f"the last relay runs failed; next attempt in {remaining:.0f} s")
+        outbox = getattr(context.resources, outbox_key)
+        try:
+            with outbox.short_lived_store() as store:
+                if not store.has_pending_work():
+                    return dg.SkipReason("no pending events")
+                fingerprint = store.pending_work_fingerprint()
+        except psycopg.Error as exc:
+            return dg.SkipReason(f"outbox unavailable: {translate_postgres_error(exc, outbox.url or 'embedded')}")
+        except OutboxPipelineError as exc:
+            return dg.SkipReason(f"outbox unavailable: {exc}")
+        last = context.instance.get_run_records(dg.RunsFilter(job_name=jobs.process.name), limit=1)
+        last_run_id = last[0].dagster_run.run_id if last else "none"
+        # The key names the waiting work and the last run that saw it: the daemon never
+        # launches two runs for one key, and a new key appears once that run has ended.
+        return dg.RunRequest(run_key=f"{fingerprint}/{last_run_id}", job_name=jobs.process.name, tags=tags)
+
+    return outbox_pending_sensor
 
 
-def low_latency_run_request(instance: dg.DagsterInstance) -> dg.RunRequest | dg.SkipReason:
+def low_latency_run_request(
+    instance: dg.DagsterInstance, job_name: str, interval: float, tags: dict[str, str]
+) -> dg.RunRequest | dg.SkipReason:
     """One long run at a time; when it ends (its time limit, or a failure after backoff) the next starts."""
-    remaining = failure_backoff_remaining(instance, _settings.sensor_interval_seconds, time.time(), relay_low_latency.name)
+    remaining = failure_backoff_remaining(instance, interval, time.time(), job_name)
     if remaining > 0:
         return dg.SkipReason(f"the last low-latency runs failed; next attempt in {remaining:.0f} s")
-    last = instance.get_run_records(dg.RunsFilter(job_name=relay_low_latency.name), limit=1)
+    last = instance.get_run_records(dg.RunsFilter(job_name=job_name), limit=1)
     last_run_id = last[0].dagster_run.run_id if last else "none"
-    return dg.RunRequest(run_key=f"low-latency/{last_run_id}", job_name=relay_low_latency.name, tags=relay_run_tags(_settings))
+    return dg.RunRequest(run_key=f"low-latency/{last_run_id}", job_name=job_name, tags=tags)

@@ -7,81 +7,77 @@ the lag sensor sends a single ``ok`` check-in (a heartbeat) while nothing is
 pending. Sentry therefore reports a missed check-in only when work waits and
 no run finishes in time.
 
-Settings (environment):
-
-* ``SENTRY_CRON_MONITOR_SLUG`` (default ``outbox-relay``);
-* ``SENTRY_CRON_SCHEDULE``: a crontab expression; when unset the schedule is
-  an interval of ``SENTRY_CRON_INTERVAL_MINUTES`` (default 10);
-* ``SENTRY_CRON_CHECKIN_MARGIN_MINUTES`` (5), ``SENTRY_CRON_MAX_RUNTIME_MINUTES``
-  (30), ``SENTRY_CRON_FAILURE_THRESHOLD`` (2), ``SENTRY_CRON_RECOVERY_THRESHOLD`` (1).
+Each relay of a code location has its own monitor: ``SENTRY_CRON_MONITOR_SLUG``
+(default ``outbox-relay``) for the default relay, ``<slug>-<relay>`` for the
+others. The schedule is ``SENTRY_CRON_SCHEDULE`` (crontab) or else an interval
+of ``SENTRY_CRON_INTERVAL_MINUTES``; see the README for the other settings.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from typing import Any, Optional
 
+import dagster as dg
 import sentry_sdk.crons
 
-from outbox_pipeline.settings import parse_number
-
-DEFAULT_SLUG = "outbox-relay"
+from outbox_pipeline.settings import RelaySettings
 
 
-def _minutes(environ: Mapping[str, str], name: str, default: int) -> int:
-    return parse_number(name, environ.get(name), default, int, 1)
+class CronMonitor(dg.Config):
+    """One relay's Crons monitor (also the ``cron`` part of the run monitor's resource configuration)."""
 
+    slug: str = "outbox-relay"
+    schedule: Optional[str] = None  # a crontab; None: an interval of interval_minutes
+    interval_minutes: int = 10
+    checkin_margin_minutes: int = 5
+    max_runtime_minutes: int = 30
+    failure_threshold: int = 2
+    recovery_threshold: int = 1
 
-def cron_monitor_slug(environ: Mapping[str, str] = os.environ) -> str:
-    return (environ.get("SENTRY_CRON_MONITOR_SLUG") or "").strip() or DEFAULT_SLUG
+    @classmethod
+    def from_settings(cls, settings: RelaySettings, relay_name: str = "default") -> "CronMonitor":
+        slug = settings.cron_monitor_slug.strip() or "outbox-relay"
+        return cls(
+            slug=slug if relay_name == "default" else f"{slug}-{relay_name}",
+            schedule=settings.cron_schedule,
+            interval_minutes=settings.cron_interval_minutes,
+            checkin_margin_minutes=settings.cron_checkin_margin_minutes,
+            max_runtime_minutes=settings.cron_max_runtime_minutes,
+            failure_threshold=settings.cron_failure_threshold,
+            recovery_threshold=settings.cron_recovery_threshold,
+        )
 
+    @property
+    def interval_seconds(self) -> Optional[int]:
+        """The check-in interval when the schedule is an interval, else None (crontab)."""
+        return None if self.schedule else 60 * self.interval_minutes
 
-def cron_interval_seconds(environ: Mapping[str, str] = os.environ) -> Optional[int]:
-    """The check-in interval when the schedule is an interval, else None (crontab)."""
-    if (environ.get("SENTRY_CRON_SCHEDULE") or "").strip():
-        return None
-    return 60 * _minutes(environ, "SENTRY_CRON_INTERVAL_MINUTES", 10)
+    def monitor_config(self) -> dict[str, Any]:
+        """Sent with every opening check-in, so Sentry creates or updates the monitor without a click."""
+        if self.schedule:
+            schedule: dict[str, Any] = {"type": "crontab", "value": self.schedule}
+        else:
+            schedule = {"type": "interval", "value": self.interval_minutes, "unit": "minute"}
+        return {
+            "schedule": schedule,
+            "checkin_margin": self.checkin_margin_minutes,
+            "max_runtime": self.max_runtime_minutes,
+            "failure_issue_threshold": self.failure_threshold,
+            "recovery_threshold": self.recovery_threshold,
+            "timezone": "UTC",
+        }
 
+    def open_check_in(self) -> Optional[str]:
+        """``in_progress`` for a starting run; returns the check-in id to close it with."""
+        return sentry_sdk.crons.capture_checkin(
+            monitor_slug=self.slug, status="in_progress", monitor_config=self.monitor_config()
+        )
 
-def cron_monitor_config(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
-    """The monitor's configuration; sent with every opening check-in, so Sentry
-    creates or updates the monitor without a click."""
-    crontab = (environ.get("SENTRY_CRON_SCHEDULE") or "").strip()
-    if crontab:
-        if len(crontab.split()) != 5:
-            raise ValueError(f"SENTRY_CRON_SCHEDULE={crontab!r} is not a 5-field crontab expression")
-        schedule: dict[str, Any] = {"type": "crontab", "value": crontab}
-    else:
-        schedule = {"type": "interval", "value": _minutes(environ, "SENTRY_CRON_INTERVAL_MINUTES", 10), "unit": "minute"}
-    return {
-        "schedule": schedule,
-        "checkin_margin": _minutes(environ, "SENTRY_CRON_CHECKIN_MARGIN_MINUTES", 5),
-        "max_runtime": _minutes(environ, "SENTRY_CRON_MAX_RUNTIME_MINUTES", 30),
-        "failure_issue_threshold": _minutes(environ, "SENTRY_CRON_FAILURE_THRESHOLD", 2),
-        "recovery_threshold": _minutes(environ, "SENTRY_CRON_RECOVERY_THRESHOLD", 1),
-        "timezone": "UTC",
-    }
+    def close_check_in(self, check_in_id: Optional[str], ok: bool, duration: Optional[float] = None) -> None:
+        sentry_sdk.crons.capture_checkin(
+            monitor_slug=self.slug, check_in_id=check_in_id, status="ok" if ok else "error", duration=duration
+        )
 
-
-def open_check_in() -> Optional[str]:
-    """``in_progress`` for a starting run; returns the check-in id to close it with."""
-    return sentry_sdk.crons.capture_checkin(
-        monitor_slug=cron_monitor_slug(), status="in_progress", monitor_config=cron_monitor_config()
-    )
-
-
-def close_check_in(check_in_id: Optional[str], ok: bool, duration: Optional[float] = None) -> None:
-    sentry_sdk.crons.capture_checkin(
-        monitor_slug=cron_monitor_slug(),
-        check_in_id=check_in_id,
-        status="ok" if ok else "error",
-        duration=duration,
-    )
-
-
-def idle_heartbeat() -> Optional[str]:
-    """A single ``ok`` check-in: nothing is pending, so nothing is late."""
-    return sentry_sdk.crons.capture_checkin(
-        monitor_slug=cron_monitor_slug(), status="ok", monitor_config=cron_monitor_config()
-    )
+    def idle_heartbeat(self) -> Optional[str]:
+        """A single ``ok`` check-in: nothing is pending, so nothing is late."""
+        return sentry_sdk.crons.capture_checkin(monitor_slug=self.slug, status="ok", monitor_config=self.monitor_config())

@@ -33,19 +33,17 @@ def _op_retry_number(context: dg.HookContext) -> int:
 
 def report_op_failure(context: dg.HookContext) -> str | None:
     """Send the op's exception to Sentry; returns the Sentry event id (None when nothing was sent)."""
-    if not init_sentry():
+    monitor = getattr(context.resources, "monitor", None)
+    if not isinstance(monitor, RelayRunMonitor) or not init_sentry(monitor.sentry_settings()):
         return None
     exception = context.op_exception
     fingerprint = failure_fingerprint(context.job_name, context.op.name, exception)
-    monitor = getattr(context.resources, "monitor", None)
-    if not isinstance(monitor, RelayRunMonitor):
-        monitor = None
-    if monitor is not None and not monitor.note_failure(tuple(fingerprint), exception or "op failed"):
+    if not monitor.note_failure(tuple(fingerprint), exception or "op failed"):
         return None
     run = context.instance.get_run_by_id(context.run_id)
     retry_number = _op_retry_number(context)
     with sentry_sdk.new_scope() as scope:
-        if monitor is not None and monitor.transaction is not None:
+        if monitor.transaction is not None:
             # Links the issue to the run's trace.
             scope.span = monitor.transaction
         for key, value in dagster_tags(run, context.job_name, context.run_id).items():
@@ -58,8 +56,7 @@ def report_op_failure(context: dg.HookContext) -> str | None:
             {"job": context.job_name, "op": context.op.name, "step": context.step_key, "run_id": context.run_id,
              "retry_number": retry_number},
         )
-        if monitor is not None:
-            scope.set_context("outbox_run", monitor.data())
+        scope.set_context("outbox_run", monitor.data())
         scope.fingerprint = fingerprint
         if exception is not None:
             return sentry_sdk.capture_exception(exception)

@@ -11,39 +11,35 @@ cursor, so the daemon restarting changes nothing.
 Each tick also records the queue size and the lag as Sentry gauges, and while
 nothing is pending sends the relay's cron monitor a heartbeat (see crons).
 
-Settings (environment): ``OUTBOX_LAG_WARNING_SECONDS`` (300),
-``OUTBOX_LAG_ERROR_SECONDS`` (900), ``OUTBOX_QUEUE_WARNING_SIZE`` (100000),
-``OUTBOX_QUEUE_ERROR_SIZE`` (1000000), ``OUTBOX_LAG_SENSOR_INTERVAL_SECONDS``
-(60), ``OUTBOX_LAG_SENSOR_ENABLED`` (true).
+Settings: ``OUTBOX_LAG_WARNING_SECONDS`` (300), ``OUTBOX_LAG_ERROR_SECONDS``
+(900), ``OUTBOX_QUEUE_WARNING_SIZE`` (100000), ``OUTBOX_QUEUE_ERROR_SIZE``
+(1000000), ``OUTBOX_LAG_SENSOR_INTERVAL_SECONDS`` (60),
+``OUTBOX_LAG_SENSOR_ENABLED`` (true). Each relay of the code location has a lag
+sensor of its own (``outbox_lag_sensor_<relay>``).
 """
 
 import dataclasses
 import json
-import os
 import time
 import uuid
-from collections.abc import Mapping
 
 import dagster as dg
 import psycopg
 import sentry_sdk
 import sentry_sdk.metrics
 
-from outbox_pipeline.errors import ConfigurationError, OutboxPipelineError
-from outbox_pipeline.monitoring import crons
+from outbox_pipeline.errors import OutboxPipelineError
+from outbox_pipeline.monitoring.crons import CronMonitor
 from outbox_pipeline.monitoring.run_monitor import RELAY_JOB, metric_attributes
 from outbox_pipeline.monitoring.sentry_setup import flush_sentry, fresh_scope, init_sentry
-from outbox_pipeline.resources import OutboxDatabaseResource
-from outbox_pipeline.settings import parse_bool, parse_number
+from outbox_pipeline.assets import resource_keys
+from outbox_pipeline.relay_instance import RelayInstance
+from outbox_pipeline.settings import RelaySettings
 from outbox_pipeline.stores.outbox_store import OutboxCounts
 from outbox_pipeline.stores.postgres_connection import translate_postgres_error
 
 SENSOR_NAME = "outbox_lag_sensor"
 LEVELS = ("ok", "warning", "error")
-
-
-def _number(environ: Mapping[str, str], name: str, default: float) -> float:
-    return parse_number(name, environ.get(name), default, exclusive=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,24 +50,14 @@ class LagThresholds:
     queue_error_size: int = 1_000_000
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "LagThresholds":
-        thresholds = cls(
-            warning_seconds=_number(environ, "OUTBOX_LAG_WARNING_SECONDS", cls.warning_seconds),
-            error_seconds=_number(environ, "OUTBOX_LAG_ERROR_SECONDS", cls.error_seconds),
-            queue_warning_size=int(_number(environ, "OUTBOX_QUEUE_WARNING_SIZE", cls.queue_warning_size)),
-            queue_error_size=int(_number(environ, "OUTBOX_QUEUE_ERROR_SIZE", cls.queue_error_size)),
+    def from_settings(cls, settings: RelaySettings) -> "LagThresholds":
+        # Their order was validated with the rest of the settings.
+        return cls(
+            warning_seconds=settings.lag_warning_seconds,
+            error_seconds=settings.lag_error_seconds,
+            queue_warning_size=settings.queue_warning_size,
+            queue_error_size=settings.queue_error_size,
         )
-        if thresholds.error_seconds < thresholds.warning_seconds:
-            raise ConfigurationError(
-                "OUTBOX_LAG_ERROR_SECONDS must not be below OUTBOX_LAG_WARNING_SECONDS "
-                f"({thresholds.error_seconds:g} < {thresholds.warning_seconds:g})"
-            )
-        if thresholds.queue_error_size < thresholds.queue_warning_size:
-            raise ConfigurationError(
-                "OUTBOX_QUEUE_ERROR_SIZE must not be below OUTBOX_QUEUE_WARNING_SIZE "
-                f"({thresholds.queue_error_size} < {thresholds.queue_warning_size})"
-            )
-        return thresholds
 
     def level(self, counts: OutboxCounts) -> tuple[str, list[str]]:
         """The level and what caused it (``age``, ``queue_size``)."""
@@ -142,12 +128,15 @@ def _describe(counts: OutboxCounts) -> str:
     return f"{counts.pending} events pending, the oldest {age:.0f} s old"
 
 
-def send_lag_report(report: LagReport, counts: OutboxCounts, thresholds: LagThresholds) -> str | None:
+def send_lag_report(
+    report: LagReport, counts: OutboxCounts, thresholds: LagThresholds, relay_job: str = RELAY_JOB, relay_name: str = "default"
+) -> str | None:
     with fresh_scope() as scope:
         scope.set_tag("outbox.lag_level", "ok" if report.kind == "recovered" else report.kind)
         scope.set_tag("outbox.incident", report.incident)
-        scope.set_tag("dagster.sensor", SENSOR_NAME)
-        scope.set_tag("dagster.job", RELAY_JOB)
+        scope.set_tag("dagster.sensor", SENSOR_NAME if relay_name == "default" else f"{SENSOR_NAME}_{relay_name}")
+        scope.set_tag("dagster.job", relay_job)
+        scope.set_tag("outbox.relay", relay_name)
         scope.set_context(
             "outbox",
             {
@@ -176,58 +165,71 @@ def send_lag_report(report: LagReport, counts: OutboxCounts, thresholds: LagThre
         return sentry_sdk.capture_message(message, level=report.kind)
 
 
-def _heartbeat_due(state: LagState, now: float) -> bool:
-    interval = crons.cron_interval_seconds()
+def _heartbeat_due(state: LagState, now: float, cron: CronMonitor) -> bool:
+    interval = cron.interval_seconds
     every = interval / 2 if interval else 60.0
     return state.last_heartbeat is None or now - state.last_heartbeat >= every
 
 
-def check_lag(state: LagState, counts: OutboxCounts, thresholds: LagThresholds, now: float) -> tuple[LagState, str]:
+def check_lag(
+    state: LagState,
+    counts: OutboxCounts,
+    settings: RelaySettings,
+    now: float,
+    *,
+    relay_job: str = RELAY_JOB,
+    relay_name: str = "default",
+) -> tuple[LagState, str]:
     """One tick: report what changed, record the gauges; returns the new state and a summary line."""
+    thresholds = LagThresholds.from_settings(settings)
     level, causes = thresholds.level(counts)
     new_state, reports = evaluate_lag(state, level, causes, now)
     summary = f"lag {level}: {_describe(counts)}"
-    if not init_sentry():
+    if not init_sentry(settings.sentry):
         return new_state, summary + " (Sentry is off)"
-    attributes = {**metric_attributes(RELAY_JOB), "source": SENSOR_NAME}
+    attributes = {**metric_attributes(relay_job, settings.sentry_environment), "source": SENSOR_NAME, "relay": relay_name}
     sentry_sdk.metrics.gauge("outbox.queue_size", counts.pending, attributes=attributes)
     sentry_sdk.metrics.gauge(
         "outbox.oldest_pending_age", counts.oldest_pending_age_seconds or 0.0, unit="second", attributes=attributes
     )
     for report in reports:
-        send_lag_report(report, counts, thresholds)
+        send_lag_report(report, counts, thresholds, relay_job, relay_name)
         summary += f"; reported {report.kind} of incident {report.incident}"
-    if counts.pending == 0 and _heartbeat_due(new_state, now):
-        crons.idle_heartbeat()
+    cron = CronMonitor.from_settings(settings, relay_name)
+    if counts.pending == 0 and _heartbeat_due(new_state, now, cron):
+        cron.idle_heartbeat()
         new_state = dataclasses.replace(new_state, last_heartbeat=now)
     flush_sentry()
     return new_state, summary
 
 
-def _sensor_interval() -> int:
-    return int(_number(os.environ, "OUTBOX_LAG_SENSOR_INTERVAL_SECONDS", 60))
+def build_lag_sensor(instance: RelayInstance) -> dg.SensorDefinition:
+    settings = instance.settings
+    outbox_key, _ = resource_keys(instance)
+    relay_job = instance.named(RELAY_JOB)
 
+    @dg.sensor(
+        name=instance.named(SENSOR_NAME),
+        minimum_interval_seconds=settings.lag_sensor_interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING if settings.lag_sensor_enabled else dg.DefaultSensorStatus.STOPPED,
+        required_resource_keys={outbox_key},
+        description=(
+            f"Reports to Sentry when the oldest pending event or the queue size of relay {instance.name} passes its "
+            "threshold, and the recovery."
+        ),
+    )
+    def outbox_lag_sensor(context: dg.SensorEvaluationContext):
+        state = LagState.from_cursor(context.cursor)
+        outbox = getattr(context.resources, outbox_key)
+        try:
+            with outbox.short_lived_store() as store:
+                counts = store.counts(include_processed=False)
+        except psycopg.Error as exc:
+            # The incident state is kept: the next tick that reads the outbox goes on from it.
+            return dg.SkipReason(f"outbox unavailable: {translate_postgres_error(exc, outbox.url or 'embedded')}")
+        except OutboxPipelineError as exc:
+            return dg.SkipReason(f"outbox unavailable: {exc}")
+        new_state, summary = check_lag(state, counts, settings, time.time(), relay_job=relay_job, relay_name=instance.name)
+        return dg.SensorResult(skip_reason=summary, cursor=new_state.to_cursor())
 
-@dg.sensor(
-    name=SENSOR_NAME,
-    minimum_interval_seconds=_sensor_interval(),
-    default_status=(
-        dg.DefaultSensorStatus.RUNNING
-        if parse_bool("OUTBOX_LAG_SENSOR_ENABLED", os.environ.get("OUTBOX_LAG_SENSOR_ENABLED"), True)
-        else dg.DefaultSensorStatus.STOPPED
-    ),
-    description="Reports to Sentry when the oldest pending event or the queue size passes its threshold, and the recovery.",
-)
-def outbox_lag_sensor(context: dg.SensorEvaluationContext, outbox: OutboxDatabaseResource):
-    thresholds = LagThresholds.from_env()
-    state = LagState.from_cursor(context.cursor)
-    try:
-        with outbox.short_lived_store() as store:
-            counts = store.counts(include_processed=False)
-    except psycopg.Error as exc:
-        # The incident state is kept: the next tick that reads the outbox goes on from it.
-        return dg.SkipReason(f"outbox unavailable: {translate_postgres_error(exc, outbox.url or 'embedded')}")
-    except OutboxPipelineError as exc:
-        return dg.SkipReason(f"outbox unavailable: {exc}")
-    new_state, summary = check_lag(state, counts, thresholds, time.time())
-    return dg.SensorResult(skip_reason=summary, cursor=new_state.to_cursor())
+    return outbox_lag_sensor

@@ -19,18 +19,20 @@ import datetime as dt
 import dagster as dg
 import sentry_sdk
 
-from outbox_pipeline.monitoring import crons
+from outbox_pipeline.monitoring.crons import CronMonitor
 from outbox_pipeline.monitoring.run_monitor import (
     CHECK_IN_TAG,
-    RELAY_JOB,
     TRACE_ID_TAG,
     TRANSACTION_NAME,
     TRANSACTION_OP,
     TRANSACTION_STATUS_TAG,
     dagster_tags,
+    RELAY_JOB,
     one_line,
 )
 from outbox_pipeline.monitoring.sentry_setup import flush_sentry, fresh_scope, init_sentry
+from outbox_pipeline.relay_instance import DEFAULT_RELAY, RELAY_NAME_TAG, definition_name
+from outbox_pipeline.settings import RelaySettings
 
 SENSOR_NAME = "sentry_run_failure_sensor"
 _INTERRUPT = "INTERRUPT"
@@ -74,7 +76,9 @@ def _timestamp(value: float | None) -> dt.datetime:
     return dt.datetime.fromtimestamp(value, dt.timezone.utc) if value else dt.datetime.now(dt.timezone.utc)
 
 
-def _complete_relay_report(instance: dg.DagsterInstance, run: dg.DagsterRun, tags: dict[str, str], error: str) -> None:
+def _complete_relay_report(
+    instance: dg.DagsterInstance, run: dg.DagsterRun, tags: dict[str, str], error: str, cron: CronMonitor
+) -> None:
     if run.tags.get(TRANSACTION_STATUS_TAG):
         return  # the worker's monitor finished the transaction itself
     record = instance.get_run_record_by_id(run.run_id)
@@ -93,15 +97,22 @@ def _complete_relay_report(instance: dg.DagsterInstance, run: dg.DagsterRun, tag
     transaction.set_status("internal_error")
     transaction.finish(end_timestamp=_timestamp(end))
     if run.tags.get(CHECK_IN_TAG):
-        crons.close_check_in(run.tags[CHECK_IN_TAG], ok=False)
+        cron.close_check_in(run.tags[CHECK_IN_TAG], ok=False)
     instance.add_run_tags(run.run_id, {TRANSACTION_STATUS_TAG: "internal_error"})
 
 
-def report_run_failure(context: dg.RunFailureSensorContext) -> str | None:
+def relay_of(run: dg.DagsterRun) -> str | None:
+    """The relay whose transaction this run reports, or None for every other job."""
+    relay_name = run.tags.get(RELAY_NAME_TAG, DEFAULT_RELAY)
+    return relay_name if run.job_name == definition_name(RELAY_JOB, relay_name) else None
+
+
+def report_run_failure(context: dg.RunFailureSensorContext, settings: RelaySettings) -> str | None:
     """Report the failed run unless a hook did; returns the Sentry event id, or None."""
+    sentry = settings.sentry
     run = context.dagster_run
     instance = context.instance
-    if not init_sentry() or failure_seen_by_hook(instance, run.run_id):
+    if not init_sentry(sentry) or failure_seen_by_hook(instance, run.run_id):
         return None
     # The run as stored now: the monitor may have tagged it after the failure event was read.
     run = instance.get_run_by_id(run.run_id) or run
@@ -116,23 +127,29 @@ def report_run_failure(context: dg.RunFailureSensorContext) -> str | None:
         scope.set_context("dagster", {"job": run.job_name, "run_id": run.run_id, "failure_kind": kind, "message": error})
         scope.fingerprint = run_failure_fingerprint(run.job_name, kind)
         event_id = sentry_sdk.capture_message(f"{run.job_name} run failed outside its ops ({kind}): {error}", level="error")
-    if run.job_name == RELAY_JOB:
+    relay_name = relay_of(run)
+    if relay_name is not None:
         with fresh_scope():
-            _complete_relay_report(instance, run, tags, error)
+            _complete_relay_report(instance, run, tags, error, CronMonitor.from_settings(settings, relay_name))
     flush_sentry()
     return event_id
 
 
-@dg.run_failure_sensor(
-    name=SENSOR_NAME,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Reports to Sentry the failed runs no op hook saw: dead run worker, run timeout, failure before the first step.",
-)
-def sentry_run_failure_sensor(context: dg.RunFailureSensorContext):
-    try:
-        event_id = report_run_failure(context)
-    except Exception as exc:  # a Sentry problem must not stall the sensor's cursor
-        return dg.SkipReason(f"could not report run {context.dagster_run.run_id} to Sentry: {one_line(exc)}")
-    if event_id is None:
-        return dg.SkipReason(f"run {context.dagster_run.run_id}: reported by its op hook, or Sentry is off")
-    return dg.SkipReason(f"run {context.dagster_run.run_id} reported to Sentry (event {event_id})")
+def build_run_failure_sensor(settings: RelaySettings) -> dg.SensorDefinition:
+    """One sensor for the code location: every job of every relay."""
+
+    @dg.run_failure_sensor(
+        name=SENSOR_NAME,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Reports to Sentry the failed runs no op hook saw: dead run worker, run timeout, failure before the first step.",
+    )
+    def sentry_run_failure_sensor(context: dg.RunFailureSensorContext):
+        try:
+            event_id = report_run_failure(context, settings)
+        except Exception as exc:  # a Sentry problem must not stall the sensor's cursor
+            return dg.SkipReason(f"could not report run {context.dagster_run.run_id} to Sentry: {one_line(exc)}")
+        if event_id is None:
+            return dg.SkipReason(f"run {context.dagster_run.run_id}: reported by its op hook, or Sentry is off")
+        return dg.SkipReason(f"run {context.dagster_run.run_id} reported to Sentry (event {event_id})")
+
+    return sentry_run_failure_sensor

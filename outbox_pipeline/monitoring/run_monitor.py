@@ -21,9 +21,9 @@ from typing import Any
 import dagster as dg
 import sentry_sdk
 import sentry_sdk.metrics
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 
-from outbox_pipeline.monitoring import crons
+from outbox_pipeline.monitoring.crons import CronMonitor
 from outbox_pipeline.monitoring.sentry_setup import SentrySettings, flush_sentry, init_sentry
 
 RELAY_JOB = "process_outbox_events"
@@ -60,9 +60,7 @@ def _as_int(value: object) -> int:
         return 0
 
 
-def metric_attributes(job_name: str, environment: str | None = None) -> dict[str, str]:
-    if environment is None:
-        environment = SentrySettings.from_env().environment
+def metric_attributes(job_name: str, environment: str) -> dict[str, str]:
     return {"job": job_name, "environment": environment}
 
 
@@ -83,14 +81,22 @@ def first_step_failure(instance: dg.DagsterInstance, run_id: str) -> str | None:
 
 
 class RelayRunMonitor(dg.ConfigurableResource):
-    """Sentry reporting for the run it is set up in."""
+    """Sentry reporting for the run it is set up in, with the code location's Sentry settings."""
+
+    relay_job: str = Field(default=RELAY_JOB, description="The job whose runs get a transaction and cron check-ins.")
+    dsn: str | None = Field(default=None, description="Sentry DSN (SENTRY_CONFIG_DSN); unset: nothing is sent.")
+    environment: str = "development"
+    debug: bool = False
+    traces_sample_rate: float = 1.0
+    send_event_payloads: bool = False
+    flush_timeout_seconds: float = 2.0
+    cron: CronMonitor = Field(default_factory=CronMonitor, description="The relay's Sentry Crons monitor.")
 
     _active: bool = PrivateAttr(default=False)
     _transaction: Any = PrivateAttr(default=None)
     _check_in_id: str | None = PrivateAttr(default=None)
     _job_name: str = PrivateAttr(default="")
     _run_id: str = PrivateAttr(default="")
-    _environment: str = PrivateAttr(default="development")
     _started: float = PrivateAttr(default=0.0)
     _error: str | None = PrivateAttr(default=None)
     _data: dict = PrivateAttr(default_factory=dict)
@@ -114,9 +120,7 @@ class RelayRunMonitor(dg.ConfigurableResource):
             "run_retry_number": _as_int((run.tags if run else {}).get("dagster/retry_number")),
         }
         try:
-            settings = SentrySettings.from_env()
-            self._environment = settings.environment
-            self._active = init_sentry(settings)
+            self._active = init_sentry(self.sentry_settings())
         except Exception as exc:  # bad Sentry settings must not stop the relay
             context.log.warning(f"Sentry is off for this run: {one_line(exc)}")
             self._active = False
@@ -124,7 +128,7 @@ class RelayRunMonitor(dg.ConfigurableResource):
             return
         # A run worker runs one run: start its breadcrumbs from nothing.
         sentry_sdk.get_isolation_scope().clear_breadcrumbs()
-        if self._job_name != RELAY_JOB or run is None:
+        if self._job_name != self.relay_job or run is None:
             return
         try:
             self._start_transaction(context, run)
@@ -136,7 +140,7 @@ class RelayRunMonitor(dg.ConfigurableResource):
         for key, value in dagster_tags(run, self._job_name, run.run_id).items():
             transaction.set_tag(key, value)
         self._transaction = transaction
-        self._check_in_id = crons.open_check_in()
+        self._check_in_id = self.cron.open_check_in()
         run_tags = {TRACE_ID_TAG: transaction.trace_id}
         if self._check_in_id:
             run_tags[CHECK_IN_TAG] = self._check_in_id
@@ -165,10 +169,34 @@ class RelayRunMonitor(dg.ConfigurableResource):
         if error is not None:
             transaction.set_data("error", error)
         transaction.finish()
-        crons.close_check_in(self._check_in_id, ok=error is None, duration=duration)
+        self.cron.close_check_in(self._check_in_id, ok=error is None, duration=duration)
         context.instance.add_run_tags(self._run_id, {TRANSACTION_STATUS_TAG: status})
 
     # -- called by ops and hooks ----------------------------------------------------------------
+
+    def sentry_settings(self) -> SentrySettings:
+        return SentrySettings(
+            dsn=self.dsn,
+            environment=self.environment,
+            debug=self.debug,
+            traces_sample_rate=self.traces_sample_rate,
+            send_event_payloads=self.send_event_payloads,
+            flush_timeout_seconds=self.flush_timeout_seconds,
+        )
+
+    @classmethod
+    def from_settings(cls, settings, relay_name: str = "default", relay_job: str = RELAY_JOB) -> "RelayRunMonitor":
+        """The monitor of one relay; the DSN stays a variable's name in the UI."""
+        return cls(
+            relay_job=relay_job,
+            dsn=dg.EnvVar("SENTRY_CONFIG_DSN") if settings.sentry_dsn else None,
+            environment=settings.sentry_environment,
+            debug=settings.debug,
+            traces_sample_rate=settings.sentry_traces_sample_rate,
+            send_event_payloads=settings.sentry_send_event_payloads,
+            flush_timeout_seconds=settings.sentry_flush_timeout_seconds,
+            cron=CronMonitor.from_settings(settings, relay_name),
+        )
 
     @property
     def transaction(self) -> Any:
@@ -222,7 +250,7 @@ class RelayRunMonitor(dg.ConfigurableResource):
         sentry_sdk.metrics.distribution(name, value, unit=unit, attributes=self._attributes())
 
     def _attributes(self) -> dict[str, str]:
-        return metric_attributes(self._job_name, self._environment)
+        return metric_attributes(self._job_name, self.environment)
 
     def on_retry(self, what: str, attempt: int, exc: BaseException, delay: float) -> None:
         """Callback for the relay's transient-error retries."""

@@ -14,9 +14,8 @@ import psycopg
 from pydantic import Field
 
 from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor
-from outbox_pipeline.relay import Relay, RelayPolicy, RunTotals
+from outbox_pipeline.relay import Relay, RunTotals
 from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
-from outbox_pipeline.settings import RelaySettings
 from outbox_pipeline.stores.outbox_store import NOTIFY_CHANNEL
 from outbox_pipeline.stores.postgres_connection import connect_postgres
 
@@ -29,7 +28,7 @@ class LowLatencyConfig(dg.Config):
     poll_seconds: float = Field(
         default=1.0, gt=0, description="Drain at least this often without a notification (retries due, leases expired)."
     )
-    batch_size: int = Field(default=RelaySettings.from_env().batch_size, ge=1)
+    batch_size: int | None = Field(default=None, ge=1, description="Events per batch (unset: OUTBOX_BATCH_SIZE).")
 
 
 def wait_for_commit(listener: psycopg.Connection, timeout: float) -> bool:
@@ -47,11 +46,10 @@ def relay_continuously(
     clickhouse: ClickHouseResource,
     monitor: RelayRunMonitor,
 ) -> dg.Output[dict]:
-    settings = RelaySettings.from_env()
     store = outbox.store()
     store.install_commit_notifications()
     relay = Relay(
-        store, clickhouse.store(), RelayPolicy.from_settings(settings, batch_size=config.batch_size),
+        store, clickhouse.store(), outbox.policy(config.batch_size),
         claimed_by=context.run_id, on_retry=monitor.on_retry,
     )
     totals = RunTotals()

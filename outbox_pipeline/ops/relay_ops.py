@@ -11,15 +11,12 @@ import dagster as dg
 
 from outbox_pipeline.errors import ConfigurationError, StoreBusyError
 from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor
-from outbox_pipeline.relay import LoadResult, Relay, RelayPolicy
+from outbox_pipeline.relay import LoadResult, Relay
 from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
 from outbox_pipeline.retrying import call_with_retries, is_transient
 from outbox_pipeline.run_config import RelayRunConfig
-from outbox_pipeline.settings import RelaySettings
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import BatchHandle
-
-EVENT_LOG_ASSET = dg.AssetKey("event_log")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,12 +44,10 @@ def build_relay(
     prefetch: bool = False,
 ) -> Relay:
     """A relay on the run's outbox connection; ``load_batch`` attaches ClickHouse itself (with retries)."""
-    settings = RelaySettings.from_env()
-    policy = RelayPolicy.from_settings(settings, **({"batch_size": batch_size} if batch_size else {}))
     return Relay(
         outbox.store(),
         None,
-        policy,
+        outbox.policy(batch_size),
         claimed_by=context.run_id,
         on_retry=monitor.on_retry,
         prefetcher=outbox.prefetcher() if prefetch else None,
@@ -78,14 +73,16 @@ def _transient_connect_error(exc: BaseException) -> bool:
 def extract_outbox_batches(
     context: dg.OpExecutionContext, config: RelayRunConfig, outbox: OutboxDatabaseResource, monitor: RelayRunMonitor
 ):
-    relay = build_relay(context, outbox, monitor, config.batch_size)
-    deadline = time.time() + config.max_seconds
+    batch_size = config.batch_size or outbox.batch_size
+    max_batches = config.max_batches or outbox.max_batches_per_run
+    relay = build_relay(context, outbox, monitor, batch_size)
+    deadline = time.time() + (config.max_seconds or outbox.max_seconds_per_run)
     counts = outbox.store().counts(include_processed=False)
-    monitor.set_data(batch_size=config.batch_size, queue_size_before=counts.pending, batches=0, events_processed=0, events_failed=0)
+    monitor.set_data(batch_size=batch_size, queue_size_before=counts.pending, batches=0, events_processed=0, events_failed=0)
     monitor.gauge("outbox.queue_size", counts.pending)
-    context.log.info(f"{counts.pending} events pending; claiming up to {config.max_batches} batches of {config.batch_size}")
+    context.log.info(f"{counts.pending} events pending; claiming up to {max_batches} batches of {batch_size}")
     claimed = 0
-    while claimed < config.max_batches:
+    while claimed < max_batches:
         with monitor.span("extract", "claim outbox batch") as span:
             handle = relay.claim()
             if span is not None and handle is not None:
@@ -163,7 +160,11 @@ def mark_batch_processed(
 
 @dg.op(description="Record what the run did as metadata of the event_log asset.")
 def report_relay_run(
-    context: dg.OpExecutionContext, batches: list[MarkedBatch], outbox: OutboxDatabaseResource, monitor: RelayRunMonitor
+    context: dg.OpExecutionContext,
+    batches: list[MarkedBatch],
+    outbox: OutboxDatabaseResource,
+    clickhouse: ClickHouseResource,
+    monitor: RelayRunMonitor,
 ) -> dg.Output[dict]:
     stats = context.instance.get_run_stats(context.run_id)
     duration = max(time.time() - (stats.start_time or time.time()), 1e-6)
@@ -185,5 +186,5 @@ def report_relay_run(
         "failed_events": dg.MetadataValue.int(counts.failed),
     }
     if loaded:
-        context.log_event(dg.AssetMaterialization(asset_key=EVENT_LOG_ASSET, metadata=metadata))
+        context.log_event(dg.AssetMaterialization(asset_key=clickhouse.asset, metadata=metadata))
     return dg.Output({key: value.value for key, value in metadata.items()}, metadata=metadata)

@@ -30,11 +30,9 @@ from pydantic import Field
 from outbox_pipeline.errors import OutboxPipelineError, RetriesExhaustedError
 from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
 from outbox_pipeline.retrying import RetryPolicy, call_with_retries
-from outbox_pipeline.settings import RelaySettings
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import OutboxStore
 
-EVENT_LOG_ASSET = dg.AssetKey("event_log")
 # Rounds of insert-and-verify per chunk: round 2 only follows a token ClickHouse remembered from an older replay.
 MAX_INSERT_ROUNDS = 3
 
@@ -169,15 +167,13 @@ def replay_outbox_day(
     clickhouse: ClickHouseResource,
 ) -> dg.Output[dict]:
     day = partition_day(context)
-    settings = RelaySettings.from_env()
     try:
-        check_within_retention(day, settings.retention_days, dt.datetime.now(dt.timezone.utc))
+        check_within_retention(day, outbox.retention_days, dt.datetime.now(dt.timezone.utc))
     except ReplayOutsideRetentionError as exc:
-        raise dg.Failure(str(exc), metadata={"day": day.isoformat(), "retention_days": settings.retention_days}) from None
-    retry = RetryPolicy(settings.transient_retry_attempts, settings.transient_retry_base_seconds)
+        raise dg.Failure(str(exc), metadata={"day": day.isoformat(), "retention_days": outbox.retention_days}) from None
     try:
         report = replay_day(
-            outbox.store(), clickhouse.store(), day, chunk_size=config.chunk_size, retry=retry, log=context.log.info
+            outbox.store(), clickhouse.store(), day, chunk_size=config.chunk_size, retry=outbox.retry, log=context.log.info
         )
     except RetriesExhaustedError as exc:
         raise dg.Failure(
@@ -202,7 +198,7 @@ def replay_outbox_day(
     if report.inserted:
         context.log_event(
             dg.AssetMaterialization(
-                asset_key=EVENT_LOG_ASSET,
+                asset_key=clickhouse.asset,
                 description=f"replay of {day.isoformat()}",
                 metadata={"replayed_day": metadata["day"], "events_replayed": metadata["inserted"]},
             )

@@ -16,7 +16,6 @@ import dagster as dg
 from outbox_pipeline.resources import OutboxDatabaseResource
 from outbox_pipeline.retrying import RetryPolicy, call_with_retries
 from outbox_pipeline.run_config import CleanupConfig
-from outbox_pipeline.settings import RelaySettings
 from outbox_pipeline.stores.outbox_store import OutboxStore
 
 
@@ -78,18 +77,18 @@ def clean_outbox(
 def delete_old_outbox_events(
     context: dg.OpExecutionContext, config: CleanupConfig, outbox: OutboxDatabaseResource
 ) -> dg.Output[dict]:
-    settings = RelaySettings.from_env()
+    retention_days = config.retention_days or outbox.retention_days
     report = clean_outbox(
         outbox.store(),
-        retention_days=config.retention_days,
+        retention_days=retention_days,
         chunk_size=config.chunk_size,
         now=dt.datetime.now(dt.timezone.utc),
-        retry=RetryPolicy(settings.transient_retry_attempts, settings.transient_retry_base_seconds),
+        retry=outbox.retry,
         log=context.log.debug,
     )
     context.log.info(
         f"deleted {report.events_deleted} processed events and {report.batches_deleted} finished batches created before "
-        f"{report.cutoff.isoformat(timespec='seconds')} ({config.retention_days} days) in {report.event_chunks} chunks; "
+        f"{report.cutoff.isoformat(timespec='seconds')} ({retention_days} days) in {report.event_chunks} chunks; "
         f"{report.failed_kept} failed events kept"
     )
     metadata = {
@@ -98,7 +97,7 @@ def delete_old_outbox_events(
         "chunks": dg.MetadataValue.int(report.event_chunks),
         "failed_kept": dg.MetadataValue.int(report.failed_kept),
         "cutoff": dg.MetadataValue.text(report.cutoff.isoformat(timespec="seconds")),
-        "retention_days": dg.MetadataValue.int(config.retention_days),
+        "retention_days": dg.MetadataValue.int(retention_days),
         "duration_seconds": dg.MetadataValue.float(round(report.seconds, 3)),
     }
     return dg.Output({key: value.value for key, value in metadata.items()}, metadata=metadata)

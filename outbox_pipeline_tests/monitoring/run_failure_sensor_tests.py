@@ -16,7 +16,7 @@ import time
 import dagster as dg
 import pytest
 
-from outbox_pipeline.jobs import process_outbox_events, requeue_failed_events
+from outbox_pipeline_tests.support.default_relay import process_outbox_events, requeue_failed_events
 from outbox_pipeline.monitoring.run_failure_sensor import SENSOR_NAME, failure_kind, sentry_run_failure_sensor
 from outbox_pipeline.monitoring.run_monitor import CHECK_IN_TAG, TRACE_ID_TAG, TRANSACTION_STATUS_TAG
 from outbox_pipeline_tests.conftest import event_log_store

@@ -188,7 +188,7 @@ def test_replay_tokens_name_the_day_the_events_and_the_round():
 
 def test_replay_without_a_partition_says_how_to_choose_one(relay_env):
     from outbox_pipeline.definitions import build_resources
-    from outbox_pipeline.jobs import replay_outbox_events
+    from outbox_pipeline_tests.support.default_relay import replay_outbox_events
 
     result = replay_outbox_events.execute_in_process(resources=build_resources(), raise_on_error=False)
     assert not result.success

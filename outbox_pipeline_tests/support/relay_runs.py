@@ -7,7 +7,7 @@ import psycopg
 
 from outbox_pipeline.definitions import build_resources
 from outbox_pipeline.events import RawEvent
-from outbox_pipeline.jobs import process_outbox_events
+from outbox_pipeline_tests.support.default_relay import process_outbox_events
 from outbox_pipeline.producer import publish_many
 
 
