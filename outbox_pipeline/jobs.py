@@ -90,26 +90,13 @@ def replay_partitions(instance: RelayInstance) -> dg.DailyPartitionsDefinition:
 
 def build_jobs(instance: RelayInstance, resources: dict) -> RelayJobs:
     """The relay's jobs, bound to its resources (``outbox``, ``clickhouse``, ``monitor``)."""
-    settings = instance.settings
     common = dict(executor_def=dg.in_process_executor, hooks={sentry_on_failure}, resource_defs=resources)
     which = f" (relay {instance.name}: {instance.described_event_types} into {instance.table})"
-    relay_defaults = {
-        "ops": {
-            "extract_outbox_batches": {
-                "config": {
-                    "batch_size": settings.batch_size,
-                    "max_batches": settings.max_batches_per_run,
-                    "max_seconds": settings.max_seconds_per_run,
-                }
-            }
-        }
-    }
     return RelayJobs(
         process=relay_graph.to_job(
             name=instance.named("process_outbox_events"),
             description=relay_graph.description + which,
             tags=relay_run_tags(instance),
-            config=relay_defaults,
             **common,
         ),
         low_latency=low_latency_graph.to_job(
@@ -131,7 +118,6 @@ def build_jobs(instance: RelayInstance, resources: dict) -> RelayJobs:
         cleanup=cleanup_graph.to_job(
             name=instance.named("cleanup_outbox"),
             description=cleanup_graph.description + which,
-            config={"ops": {"delete_old_outbox_events": {"config": {"retention_days": settings.retention_days}}}},
             **common,
         ),
         check=dg.define_asset_job(

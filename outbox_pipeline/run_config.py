@@ -1,8 +1,9 @@
 """Run configuration (``dg.Config``) of the relay's op jobs.
 
-Unset fields take the relay's own setting (its resources carry them); each job's
-default run configuration fills them in, so the Launchpad shows the values a
-sensor-started run uses.
+Unset fields take the relay's own setting, which its ``outbox`` resource carries
+(shown on the job's Resources tab). Jobs carry no default run configuration on
+purpose: Dagster would then pin the resources' configuration too, and a run
+launched with other resources would silently keep the old ones.
 """
 
 import dagster as dg

@@ -61,7 +61,8 @@ def build_pending_sensor(instance: RelayInstance, jobs: RelayJobs) -> dg.SensorD
             f"with OUTBOX_LOW_LATENCY=true keeps one {jobs.low_latency.name} run going instead."
         ),
     )
-    def outbox_pending_sensor(context: dg.SensorEvaluationContext):
+    def outbox_pending_sensor(context: dg.SensorEvaluationContext, **_resources):
+        # (Called directly, a sensor also receives its resources as keyword arguments.)
         active = active_relay_run(context.instance, relay_job_names)
         if active is not None:
             return dg.SkipReason(f"relay run {active.dagster_run.run_id} is {active.dagster_run.status.value}")

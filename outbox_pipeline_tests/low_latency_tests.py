@@ -1,10 +1,8 @@
-import dataclasses
 import threading
 import time
 
 import dagster as dg
 
-from outbox_pipeline import sensors
 from outbox_pipeline.definitions import build_resources
 from outbox_pipeline_tests.support.default_relay import process_outbox_events, relay_low_latency
 from outbox_pipeline_tests.conftest import event_log_store
@@ -55,7 +53,7 @@ def test_low_latency_and_sensor_path_runs_never_take_the_same_events(relay_env, 
 
 
 def test_sensor_keeps_one_low_latency_run_going_in_low_latency_mode(relay_env, monkeypatch):
-    monkeypatch.setattr(sensors, "_settings", dataclasses.replace(sensors._settings, low_latency=True))
+    monkeypatch.setenv("OUTBOX_LOW_LATENCY", "true")
     with dg.instance_for_test() as instance:
         [request] = run_requests(evaluate(instance))  # even with nothing pending
         assert request.job_name == relay_low_latency.name
@@ -63,7 +61,7 @@ def test_sensor_keeps_one_low_latency_run_going_in_low_latency_mode(relay_env, m
         assert isinstance(evaluate(instance), dg.SkipReason)
         instance.report_run_failed(run)
         assert "failed" in evaluate(instance).skip_message  # backs off after a failure
-    monkeypatch.setattr(sensors, "_settings", dataclasses.replace(sensors._settings, low_latency=False))
+    monkeypatch.setenv("OUTBOX_LOW_LATENCY", "false")
     publish_raw(relay_env["OUTBOX_DATABASE_URL"], 1)
     with dg.instance_for_test() as instance:
         [request] = run_requests(evaluate(instance))

@@ -2,13 +2,13 @@ import dagster as dg
 
 from outbox_pipeline.definitions import build_resources
 from outbox_pipeline_tests.support.default_relay import RELAY_TAG, process_outbox_events
-from outbox_pipeline_tests.support.default_relay import outbox_pending_sensor
+from outbox_pipeline_tests.support.default_relay import outbox_pending_sensor, pending_sensor_from_env
 from outbox_pipeline_tests.support.relay_runs import publish_raw, run_relay
 
 
 def evaluate(instance: dg.DagsterInstance):
     with dg.build_sensor_context(instance=instance, resources={"outbox": build_resources()["outbox"]}) as context:
-        return outbox_pending_sensor(context)
+        return pending_sensor_from_env()(context)
 
 
 def run_requests(result) -> list[dg.RunRequest]:

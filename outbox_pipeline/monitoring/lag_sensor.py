@@ -218,7 +218,8 @@ def build_lag_sensor(instance: RelayInstance) -> dg.SensorDefinition:
             "threshold, and the recovery."
         ),
     )
-    def outbox_lag_sensor(context: dg.SensorEvaluationContext):
+    def outbox_lag_sensor(context: dg.SensorEvaluationContext, **_resources):
+        # (Called directly, a sensor also receives its resources as keyword arguments.)
         state = LagState.from_cursor(context.cursor)
         outbox = getattr(context.resources, outbox_key)
         try:

@@ -2,7 +2,20 @@
 
 import pytest
 
-from outbox_pipeline.monitoring.crons import cron_interval_seconds, cron_monitor_config, cron_monitor_slug
+from outbox_pipeline.monitoring.crons import CronMonitor
+from outbox_pipeline.settings import load_settings
+
+
+def cron_monitor_config(environ):
+    return CronMonitor.from_settings(load_settings(environ)).monitor_config()
+
+
+def cron_monitor_slug(environ, relay="default"):
+    return CronMonitor.from_settings(load_settings(environ), relay).slug
+
+
+def cron_interval_seconds(environ):
+    return CronMonitor.from_settings(load_settings(environ)).interval_seconds
 
 
 def test_defaults_are_a_ten_minute_interval():
@@ -27,11 +40,16 @@ def test_crontab_schedule_and_slug_from_the_environment():
 @pytest.mark.parametrize(
     ("environ", "message"),
     [
-        ({"SENTRY_CRON_INTERVAL_MINUTES": "ten"}, "SENTRY_CRON_INTERVAL_MINUTES='ten' is not a whole number"),
-        ({"SENTRY_CRON_CHECKIN_MARGIN_MINUTES": "0"}, "must be at least 1"),
-        ({"SENTRY_CRON_SCHEDULE": "every minute"}, "is not a 5-field crontab expression"),
+        ({"SENTRY_CRON_INTERVAL_MINUTES": "ten"}, "SENTRY_CRON_INTERVAL_MINUTES='ten': Input should be a valid integer"),
+        ({"SENTRY_CRON_CHECKIN_MARGIN_MINUTES": "0"}, "SENTRY_CRON_CHECKIN_MARGIN_MINUTES='0': Input should be greater than or equal to 1"),
+        ({"SENTRY_CRON_SCHEDULE": "every minute"}, "SENTRY_CRON_SCHEDULE='every minute' is not a cron expression of five fields"),
     ],
 )
 def test_bad_values_get_one_line(environ, message):
     with pytest.raises(ValueError, match=message):
         cron_monitor_config(environ)
+
+
+def test_each_relay_has_a_monitor_of_its_own():
+    assert cron_monitor_slug({}, "orders") == "outbox-relay-orders"
+    assert cron_monitor_slug({"SENTRY_CRON_MONITOR_SLUG": "relay-eu"}, "orders") == "relay-eu-orders"

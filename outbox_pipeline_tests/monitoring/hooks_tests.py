@@ -4,6 +4,7 @@ import dagster as dg
 
 from outbox_pipeline.monitoring.hooks import sentry_on_failure
 from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor
+from outbox_pipeline.settings import load_settings
 from outbox_pipeline_tests.monitoring.envelopes import errors, recorder, transactions  # noqa: F401 - fixture
 
 
@@ -39,7 +40,7 @@ def partitioned_job():
 
 def test_partitioned_job_with_retries_and_two_causes(recorder):
     result = partitioned_job.execute_in_process(
-        partition_key="2020-01-02", resources={"monitor": RelayRunMonitor()}, raise_on_error=False
+        partition_key="2020-01-02", resources={"monitor": RelayRunMonitor.from_settings(load_settings())}, raise_on_error=False
     )
 
     assert not result.success

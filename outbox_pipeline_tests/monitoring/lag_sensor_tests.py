@@ -10,7 +10,9 @@ import dagster as dg
 import pytest
 
 from outbox_pipeline.errors import ConfigurationError
-from outbox_pipeline.monitoring.lag_sensor import LagState, LagThresholds, evaluate_lag, outbox_lag_sensor
+from outbox_pipeline.monitoring.lag_sensor import LagState, LagThresholds, evaluate_lag
+from outbox_pipeline.settings import load_settings
+from outbox_pipeline_tests.support.default_relay import lag_sensor_from_env
 from outbox_pipeline.resources import OutboxDatabaseResource
 from outbox_pipeline.stores.outbox_store import OutboxCounts
 from outbox_pipeline_tests.monitoring.envelopes import (  # noqa: F401 - fixture
@@ -35,7 +37,7 @@ class Ticks:
         with dg.build_sensor_context(
             instance=self.instance, cursor=self.cursor, resources={"outbox": self.outbox}
         ) as context:
-            result = outbox_lag_sensor(context)
+            result = lag_sensor_from_env()(context)
         if isinstance(result, dg.SensorResult):  # a plain SkipReason leaves the cursor as it was
             self.cursor = result.cursor
         return result
@@ -145,11 +147,11 @@ def test_unreadable_cursor_starts_over():
 @pytest.mark.parametrize(
     ("environ", "message"),
     [
-        ({"OUTBOX_LAG_WARNING_SECONDS": "soon"}, "OUTBOX_LAG_WARNING_SECONDS='soon' is not a number"),
-        ({"OUTBOX_QUEUE_ERROR_SIZE": "0"}, "must be greater than 0"),
+        ({"OUTBOX_LAG_WARNING_SECONDS": "soon"}, "OUTBOX_LAG_WARNING_SECONDS='soon': Input should be a valid number"),
+        ({"OUTBOX_QUEUE_ERROR_SIZE": "0"}, "OUTBOX_QUEUE_ERROR_SIZE=.0.: Input should be greater than 0"),
         ({"OUTBOX_LAG_WARNING_SECONDS": "600", "OUTBOX_LAG_ERROR_SECONDS": "60"}, "must not be below"),
     ],
 )
 def test_bad_thresholds_get_one_line(environ, message):
     with pytest.raises(ConfigurationError, match=message):
-        LagThresholds.from_env(environ)
+        load_settings(environ)

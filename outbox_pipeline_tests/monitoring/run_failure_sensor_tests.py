@@ -17,7 +17,8 @@ import dagster as dg
 import pytest
 
 from outbox_pipeline_tests.support.default_relay import process_outbox_events, requeue_failed_events
-from outbox_pipeline.monitoring.run_failure_sensor import SENSOR_NAME, failure_kind, sentry_run_failure_sensor
+from outbox_pipeline.monitoring.run_failure_sensor import SENSOR_NAME, failure_kind
+from outbox_pipeline_tests.support.default_relay import run_failure_sensor_from_env
 from outbox_pipeline.monitoring.run_monitor import CHECK_IN_TAG, TRACE_ID_TAG, TRANSACTION_STATUS_TAG
 from outbox_pipeline_tests.conftest import event_log_store
 from outbox_pipeline_tests.monitoring.envelopes import (  # noqa: F401 - fixture
@@ -46,7 +47,7 @@ def evaluate(instance: dg.DagsterInstance, run_id: str):
         dagster_instance=instance,
         dagster_run=instance.get_run_by_id(run_id),
     ).for_run_failure()
-    return sentry_run_failure_sensor(context)
+    return run_failure_sensor_from_env()(context)
 
 
 def test_failure_before_the_first_step_is_reported_with_a_transaction(recorder):
@@ -88,7 +89,7 @@ def test_other_jobs_get_the_event_but_no_relay_transaction(recorder):
 
 def test_failure_seen_by_an_op_hook_is_not_reported_again(relay_env, outbox, recorder, monkeypatch):
     publish_raw(relay_env["OUTBOX_DATABASE_URL"], 3)
-    monkeypatch.setenv("CLICKHOUSE_URL", "chdb://relative/path")
+    monkeypatch.setenv("CLICKHOUSE_URL", "http://127.0.0.1:9/nowhere")  # connection refused: the load fails
     instance = dg.DagsterInstance.ephemeral()
     result = run_relay(instance)
     assert not result.success

@@ -1,20 +1,19 @@
 """The default relay's definitions as the code location builds them, by name."""
 
 from outbox_pipeline.definitions import defs
-from outbox_pipeline_tests.support.default_relay import RELAY_TAG
+from outbox_pipeline.jobs import RELAY_TAG
 
-_repository = defs.get_repository_def()
 
-process_outbox_events = defs.get_job_def("process_outbox_events")
-relay_low_latency = defs.get_job_def("relay_low_latency")
-requeue_failed_events = defs.get_job_def("requeue_failed_events")
-replay_outbox_events = defs.get_job_def("replay_outbox_events")
-cleanup_outbox = defs.get_job_def("cleanup_outbox")
-check_event_log = defs.get_job_def("check_event_log")
-outbox_pending_sensor = defs.get_sensor_def("outbox_pending_sensor")
-outbox_lag_sensor = defs.get_sensor_def("outbox_lag_sensor")
-sentry_run_failure_sensor = defs.get_sensor_def("sentry_run_failure_sensor")
-process_outbox_events_schedule = defs.get_schedule_def("process_outbox_events_schedule")
+process_outbox_events = defs.resolve_job_def("process_outbox_events")
+relay_low_latency = defs.resolve_job_def("relay_low_latency")
+requeue_failed_events = defs.resolve_job_def("requeue_failed_events")
+replay_outbox_events = defs.resolve_job_def("replay_outbox_events")
+cleanup_outbox = defs.resolve_job_def("cleanup_outbox")
+check_event_log = defs.resolve_job_def("check_event_log")
+outbox_pending_sensor = defs.resolve_sensor_def("outbox_pending_sensor")
+outbox_lag_sensor = defs.resolve_sensor_def("outbox_lag_sensor")
+sentry_run_failure_sensor = defs.resolve_sensor_def("sentry_run_failure_sensor")
+process_outbox_events_schedule = defs.resolve_schedule_def("process_outbox_events_schedule")
 
 __all__ = [
     "RELAY_TAG",
@@ -29,3 +28,32 @@ __all__ = [
     "requeue_failed_events",
     "sentry_run_failure_sensor",
 ]
+
+
+def lag_sensor_from_env():
+    """The default relay's lag sensor built from the environment as it is now (tests set variables first)."""
+    from outbox_pipeline.monitoring.lag_sensor import build_lag_sensor
+    from outbox_pipeline.relay_instance import RelayInstance
+    from outbox_pipeline.settings import load_settings
+
+    return build_lag_sensor(RelayInstance.from_settings(load_settings()))
+
+
+def run_failure_sensor_from_env():
+    """The code location's run-failure sensor built from the environment as it is now."""
+    from outbox_pipeline.monitoring.run_failure_sensor import build_run_failure_sensor
+    from outbox_pipeline.settings import load_settings
+
+    return build_run_failure_sensor(load_settings())
+
+
+def pending_sensor_from_env():
+    """The default relay's pending-work sensor built from the environment as it is now."""
+    from outbox_pipeline.jobs import build_jobs
+    from outbox_pipeline.relay_defs import build_resources
+    from outbox_pipeline.relay_instance import RelayInstance
+    from outbox_pipeline.sensors import build_pending_sensor
+    from outbox_pipeline.settings import load_settings
+
+    instance = RelayInstance.from_settings(load_settings())
+    return build_pending_sensor(instance, build_jobs(instance, build_resources(instance)))
