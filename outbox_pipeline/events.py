@@ -16,9 +16,11 @@ import datetime as dt
 import os
 import re
 import uuid
+from collections.abc import Iterable
 from typing import ClassVar
 
 import pydantic
+import pydantic_core
 
 from outbox_pipeline.errors import EventRejectedError
 
@@ -91,30 +93,109 @@ class RawEvent(pydantic.BaseModel):
         return self.context
 
 
-def outbox_row(event: OutboxEvent | RawEvent, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> tuple:
-    """The row to insert, after refusing what ClickHouse could never load."""
+# PostgreSQL `integer` (the outbox column) is the narrower of the two columns; ClickHouse holds UInt32.
+MAX_METADATA_VERSION = 2**31 - 1
+
+
+def outbox_rows(events: Iterable[OutboxEvent | RawEvent], *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> list[tuple]:
+    """The rows of one publish call, every field of every event checked before any is written.
+
+    Raises :class:`EventRejectedError` for the first event that PostgreSQL could not store or
+    ClickHouse could never load, so a refused call sends nothing to the database and leaves the
+    caller's transaction as it was.
+    """
+    rows = []
+    first_index: dict[uuid.UUID, int] = {}
+    for index, event in enumerate(events):
+        row = outbox_row(event, max_event_bytes=max_event_bytes, index=index)
+        earlier = first_index.setdefault(row[0], index)
+        if earlier != index:
+            # The unique constraint would abort the caller's transaction half way through the call.
+            raise _rejected(index, event, row[1], "event_id", f"is also the event_id of the event at index {earlier} of this call")
+        rows.append(row)
+    return rows
+
+
+def outbox_row(event: OutboxEvent | RawEvent, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, index: int = 0) -> tuple:
+    """The row to insert for one event (``index``: its position in the call, for the message)."""
+    if not isinstance(event, (OutboxEvent, RawEvent)):
+        raise EventRejectedError(f"event at index {index} is a {type(event).__name__}, not an OutboxEvent or RawEvent")
     event_type = type(event).event_type if isinstance(event, OutboxEvent) else event.event_type
-    if not event_type:
-        raise EventRejectedError("event_type is empty: name the event class or set event_type")
-    context = event.event_context()
+
+    def reject(field: str, problem: str) -> EventRejectedError:
+        return _rejected(index, event, event_type, field, problem)
+
+    if isinstance(event_type, str) and not event_type:
+        raise reject("event_type", "is empty: name the event class or set event_type")
+    for field, value in (("event_type", event_type), ("environment", event.environment)):
+        problem = _text_problem(value)
+        if problem:
+            raise reject(field, problem)
+
+    context = _serialized_context(event, reject)
     try:
         size = len(context.encode("utf-8"))
     except UnicodeEncodeError as exc:
-        raise EventRejectedError(f"{event_type} {event.event_id}: event_context is not valid UTF-8 ({exc.reason})") from None
+        raise reject("event_context", f"is not valid UTF-8 ({exc.reason})") from None
     if size > max_event_bytes:
-        raise EventRejectedError(
-            f"{event_type} {event.event_id}: event_context is {size} bytes, over the limit of {max_event_bytes} "
-            "(OUTBOX_MAX_EVENT_BYTES); store large payloads elsewhere and reference them"
+        raise reject(
+            "event_context",
+            f"is {size} bytes, over the limit of {max_event_bytes} (OUTBOX_MAX_EVENT_BYTES); store large payloads elsewhere and reference them",
         )
     if "\x00" in context:
-        raise EventRejectedError(f"{event_type} {event.event_id}: event_context contains a NUL character, which PostgreSQL text cannot store")
+        raise reject("event_context", _NUL_PROBLEM)
+
     when = event.event_date_time
-    if when.tzinfo is None:
-        raise EventRejectedError(f"{event_type} {event.event_id}: event_date_time must be timezone-aware")
+    if not isinstance(when, dt.datetime) or when.tzinfo is None:
+        raise reject("event_date_time", "must be a timezone-aware datetime (use datetime.now(timezone.utc))")
     if not EARLIEST_EVENT_TIME <= when <= LATEST_EVENT_TIME:
-        raise EventRejectedError(
-            f"{event_type} {event.event_id}: event_date_time {when.isoformat()} is outside ClickHouse's range (1900-01-01 to 2299-12-31)"
-        )
-    if not 0 <= event.metadata_version <= 4_294_967_295:
-        raise EventRejectedError(f"{event_type} {event.event_id}: metadata_version must fit in UInt32")
-    return (event.event_id, event_type, when, event.environment, context, event.metadata_version)
+        raise reject("event_date_time", f"{when.isoformat()} is outside ClickHouse's range (1900-01-01 to 2299-12-31)")
+
+    version = event.metadata_version
+    if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= MAX_METADATA_VERSION:
+        raise reject("metadata_version", f"{version!r} is outside 0 to {MAX_METADATA_VERSION} (a PostgreSQL integer)")
+    return (event.event_id, event_type, when, event.environment, context, version)
+
+
+_NUL_PROBLEM = "contains a NUL character, which PostgreSQL text cannot store"
+
+
+def _rejected(index: int, event: OutboxEvent | RawEvent, event_type: object, field: str, problem: str) -> EventRejectedError:
+    # repr() keeps a NUL, a lone surrogate or a line break in the type readable on one line.
+    return EventRejectedError(f"event at index {index} (type {event_type!r}, event_id {event.event_id}): {field} {problem}")
+
+
+def _text_problem(value: object) -> str | None:
+    """Why a text column could not store ``value``, or None."""
+    if not isinstance(value, str):
+        return f"is a {type(value).__name__}, not text"
+    if "\x00" in value:
+        return _NUL_PROBLEM
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"is not valid UTF-8 ({exc.reason})"
+    return None
+
+
+def _serialized_context(event: OutboxEvent | RawEvent, reject) -> str:
+    try:
+        context = event.event_context()
+    except pydantic_core.PydanticSerializationError as exc:
+        # Name the payload field that fails (a lone surrogate in a str field, say).
+        payload_fields = [name for name in type(event).model_fields if name not in _BASE_FIELDS]
+        failing = next((name for name in payload_fields if not _serializes(event, name)), None)
+        where = f" (field {failing!r})" if failing else ""
+        reason = " ".join(str(exc).split()).removeprefix("Error serializing to JSON: ")
+        raise reject("event_context", f"cannot be serialized to JSON{where}: {reason}") from None
+    if not isinstance(context, str):
+        raise reject("event_context", f"is a {type(context).__name__}, not text")
+    return context
+
+
+def _serializes(event: pydantic.BaseModel, name: str) -> bool:
+    try:
+        event.model_dump_json(include={name})
+    except pydantic_core.PydanticSerializationError:
+        return False
+    return True

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from outbox_pipeline.events import DEFAULT_MAX_EVENT_BYTES, OutboxEvent, RawEvent, outbox_row
+from outbox_pipeline.events import DEFAULT_MAX_EVENT_BYTES, OutboxEvent, RawEvent, outbox_rows
 from outbox_pipeline.stores.outbox_store import COPY_EVENTS_IN, INSERT_EVENT
 
 Event = OutboxEvent | RawEvent
@@ -35,7 +35,8 @@ def publish(connection, *events: Event) -> int:
 
 def publish_many(connection, events: Iterable[Event]) -> int:
     limit = _max_event_bytes()
-    rows = [outbox_row(event, max_event_bytes=limit) for event in events]
+    # Everything is checked before the first row is sent: a refused call writes nothing.
+    rows = outbox_rows(events, max_event_bytes=limit)
     if not rows:
         return 0
     if _is_psycopg3(connection):

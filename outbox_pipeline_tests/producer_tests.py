@@ -1,8 +1,12 @@
+import contextlib
 import datetime as dt
 import uuid
 
 import psycopg
 import pytest
+
+from outbox_pipeline.stores.outbox_store import OutboxStore
+from outbox_pipeline_tests.conftest import with_database
 
 from outbox_pipeline.errors import EventRejectedError
 from outbox_pipeline.events import OutboxEvent, RawEvent, snake_case
@@ -124,3 +128,182 @@ def test_duplicate_event_id_is_refused_by_the_database(outbox, relay_env):
         publish(conn, RawEvent(event_id=event_id, event_type="a", context="{}"))
         with pytest.raises(psycopg.errors.UniqueViolation):
             publish(conn, RawEvent(event_id=event_id, event_type="a", context="{}"))
+
+
+# -- a refused call writes nothing, on every insert path and driver ------------------------
+
+# What is wrong -> (the field the message must name, the bad event given the other events of its call).
+BAD_EVENTS = {
+    "nul_in_event_type": ("event_type", lambda call: RawEvent(event_type="bad\x00", context="{}")),
+    "surrogate_in_event_type": ("event_type", lambda call: RawEvent(event_type="bad\ud800", context="{}")),
+    "empty_event_type": ("event_type", lambda call: RawEvent(event_type="", context="{}")),
+    "nul_in_environment": ("environment", lambda call: RawEvent(event_type="bad", context="{}", environment="prod\x00")),
+    "surrogate_in_environment": ("environment", lambda call: RawEvent(event_type="bad", context="{}", environment="\udcff")),
+    "nul_in_context": ("event_context", lambda call: RawEvent(event_type="bad", context='{"s": "\x00"}')),
+    "surrogate_in_context": ("event_context", lambda call: RawEvent(event_type="bad", context='{"s": "\ud800"}')),
+    "surrogate_in_typed_field": ("event_context", lambda call: UserCreated(user_id=1, email="a\ud800@example.com")),
+    "context_over_the_limit": ("event_context", lambda call: RawEvent(event_type="bad", context="x" * 2_000_000)),
+    "metadata_version_over_integer": ("metadata_version", lambda call: RawEvent(event_type="bad", context="{}", metadata_version=2**31)),
+    "negative_metadata_version": ("metadata_version", lambda call: RawEvent(event_type="bad", context="{}", metadata_version=-1)),
+    "time_out_of_range": (
+        "event_date_time",
+        lambda call: RawEvent(event_type="bad", context="{}", event_date_time=dt.datetime(1800, 1, 1, tzinfo=dt.timezone.utc)),
+    ),
+    "naive_time": ("event_date_time", lambda call: RawEvent(event_type="bad", context="{}", event_date_time=dt.datetime(2026, 1, 1))),
+    "event_id_twice_in_the_call": ("event_id", lambda call: RawEvent(event_type="bad", context="{}", event_id=call[0].event_id)),
+}
+
+
+def stored_ids(url: str, ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT event_id FROM outbox WHERE event_id = ANY(%s)", (ids,)).fetchall()
+    return {row[0] for row in rows}
+
+
+def refusal_problems(url: str, connection, transaction, size: int) -> dict[str, list[str]]:
+    """For every case of BAD_EVENTS, act as a caller that publishes an event, then a call of
+    ``size`` events with the bad one in the middle, catches the error, publishes one more
+    event and commits. Returns what went wrong, by case (empty when everything held)."""
+
+    def one_line(exc: BaseException) -> str:
+        return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+
+    problems: dict[str, list[str]] = {}
+    for case, (field, make_bad) in BAD_EVENTS.items():
+        found = problems.setdefault(case, [])
+        call = [RawEvent(event_type="ok", context="{}") for _ in range(size)]
+        bad_index = size // 2
+        call[bad_index] = bad = make_bad(call)
+        before, after = RawEvent(event_type="before", context="{}"), RawEvent(event_type="after", context="{}")
+        try:
+            with transaction():
+                publish(connection, before)
+                try:
+                    publish_many(connection, call)
+                    found.append("not refused")
+                except EventRejectedError as exc:
+                    wanted = [f"index {bad_index}", str(bad.event_id), field]
+                    if any(part not in str(exc) for part in wanted) or "\n" in str(exc):
+                        found.append(f"message {str(exc)!r} does not name all of {wanted}")
+                except Exception as exc:
+                    found.append(f"raised {one_line(exc)}")
+                # The caller's transaction is still usable after the refusal.
+                publish(connection, after)
+        except Exception as exc:
+            found.append(f"the transaction failed afterwards: {one_line(exc)}")
+        else:
+            ids = [before.event_id, after.event_id, *(event.event_id for event in call)]
+            leaked = stored_ids(url, ids) - {before.event_id, after.event_id}
+            if leaked:
+                found.append(f"{len(leaked)} events of the refused call were committed")
+    return {case: found for case, found in problems.items() if found}
+
+
+def report(problems: dict[str, list[str]]) -> str:
+    return "\n".join(f"{case}: {'; '.join(found)}" for case, found in problems.items())
+
+
+@contextlib.contextmanager
+def committed(connection):
+    """A DB-API transaction: commit on success, roll back on error."""
+    try:
+        yield
+    except BaseException:
+        connection.rollback()
+        raise
+    connection.commit()
+
+
+# Below and at/above the threshold at which a psycopg 3 connection switches to COPY.
+CALL_SIZES = [3, 250]
+
+
+@pytest.mark.parametrize("size", CALL_SIZES)
+def test_refused_call_writes_nothing_with_psycopg3(relay_env, size):
+    url = relay_env["OUTBOX_DATABASE_URL"]
+    with psycopg.connect(url) as conn:
+        problems = refusal_problems(url, conn, lambda: committed(conn), size)
+        assert not problems, report(problems)
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("size", CALL_SIZES)
+def test_refused_call_writes_nothing_with_psycopg2(relay_env, size):
+    psycopg2 = pytest.importorskip("psycopg2")
+    url = relay_env["OUTBOX_DATABASE_URL"]
+    conn = psycopg2.connect(url)
+    try:
+        problems = refusal_problems(url, conn, lambda: committed(conn), size)
+        assert not problems, report(problems)
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchone() == (1,)
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def django_outbox_url(postgres_server_url):
+    """``django.db.connection`` on a database of its own with the outbox tables.
+
+    Django's settings can be configured once per process, so this database serves every
+    test of the module; tests look only at the event ids they published.
+    """
+    pytest.importorskip("django")
+    import django
+    from django.conf import settings
+    from django.db import connections
+
+    name = f"outbox_django_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(postgres_server_url, name)
+    store = OutboxStore.connect(url)
+    store.migrate()
+    store.close()
+    parts = psycopg.conninfo.conninfo_to_dict(url)
+    settings.configure(
+        DATABASES={
+            "default": {
+                "ENGINE": "django.db.backends.postgresql",
+                "NAME": parts["dbname"],
+                "USER": parts.get("user", ""),
+                "PASSWORD": parts.get("password", ""),
+                "HOST": parts.get("host", ""),
+                "PORT": parts.get("port", ""),
+            }
+        },
+        USE_TZ=True,
+        # Django's logging set-up would replace the handlers of every logger in this process.
+        LOGGING_CONFIG=None,
+    )
+    django.setup()
+    yield url
+    connections.close_all()
+    with psycopg.connect(postgres_server_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.parametrize("size", CALL_SIZES)
+def test_refused_call_writes_nothing_with_django(django_outbox_url, size):
+    from django.db import connection, transaction
+
+    # Django's own transaction block, as an application publishes inside it (psycopg 3 backend when installed).
+    problems = refusal_problems(django_outbox_url, connection, transaction.atomic, size)
+    assert not problems, report(problems)
+    with connection.cursor() as cur:
+        cur.execute("SELECT 1")
+        assert cur.fetchone() == (1,)
+
+
+def test_publish_through_django_connection(django_outbox_url):
+    from django.db import connection, transaction
+
+    kept, dropped = UserCreated(user_id=1, email="d@example.com"), UserCreated(user_id=2, email="e@example.com")
+    with transaction.atomic():
+        publish(connection, kept)
+    with pytest.raises(RuntimeError):
+        with transaction.atomic():
+            publish(connection, dropped)
+            raise RuntimeError("roll back")
+    assert stored_ids(django_outbox_url, [kept.event_id, dropped.event_id]) == {kept.event_id}

@@ -12,7 +12,9 @@ What leaves the process is limited on purpose:
 * no frame local variables, no default PII (see ``sentry_init_options``);
 * every event, transaction, check-in, breadcrumb, metric and log passes
   through :mod:`outbox_pipeline.monitoring.scrubbing`; the relay's event
-  payload field ``event_context`` is dropped unless explicitly allowed;
+  payload field ``event_context`` is dropped unless explicitly allowed; the
+  one value kept is the DSN's public key in the envelope header's trace
+  context, which Sentry needs;
 * the HTTP transport gives up a request after the flush timeout, so a slow
   or unreachable Sentry never holds a run longer than that.
 """
@@ -180,16 +182,44 @@ def _make_scrubber(settings: SentrySettings) -> Callable[[Any], Any]:
     return scrub_payload
 
 
+def _sampling_context(event: Any) -> Optional[dict[str, Any]]:
+    """The dynamic sampling context of an event, which the SDK moves into the
+    envelope header's ``trace`` when it sends the event."""
+    contexts = event.get("contexts") if isinstance(event, Mapping) else None
+    trace = contexts.get("trace") if isinstance(contexts, Mapping) else None
+    dsc = trace.get("dynamic_sampling_context") if isinstance(trace, Mapping) else None
+    return dsc if isinstance(dsc, dict) else None
+
+
+def _make_event_scrubber(settings: SentrySettings) -> Callable[[Any], Any]:
+    scrub_payload = _make_scrubber(settings)
+
+    def scrub_event(event: Any) -> Any:
+        # The DSN's public key is a configured secret part, but the sampling context
+        # must carry it for Sentry to use that context; it is no secret there (the
+        # SDK sends it with every request). Everything else in the context is scrubbed.
+        original = _sampling_context(event)
+        public_key = original.get("public_key") if original is not None else None
+        scrubbed = scrub_payload(event)
+        dsc = _sampling_context(scrubbed)
+        if isinstance(public_key, str) and dsc is not None and "public_key" in dsc:
+            dsc["public_key"] = public_key
+        return scrubbed
+
+    return scrub_event
+
+
 def sentry_init_options(settings: SentrySettings) -> dict[str, Any]:
     """Keyword arguments for ``sentry_sdk.init`` for these settings."""
     scrub_payload = _make_scrubber(settings)
+    scrub_event = _make_event_scrubber(settings)
 
     def before_send(event: Any, hint: Any) -> Any:
         # Errors, messages and (in sentry-sdk 2.x) cron check-ins.
-        return scrub_payload(event)
+        return scrub_event(event)
 
     def before_send_transaction(event: Any, hint: Any) -> Any:
-        return scrub_payload(event)
+        return scrub_event(event)
 
     last_crumb = threading.local()
 

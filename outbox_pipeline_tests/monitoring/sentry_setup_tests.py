@@ -84,7 +84,8 @@ def raise_and_capture(message: str) -> None:
 
 
 def assert_no_leak(rec: SentryRecorder, *secrets: str) -> None:
-    text = rec.raw_text()
+    # The envelope header's trace.public_key is the DSN's public key by design.
+    text = rec.raw_text_without_trace_key()
     assert text, "nothing was received"
     for secret in secrets:
         assert secret not in text
@@ -317,6 +318,31 @@ def test_transaction_span_data_is_redacted(recorder: SentryRecorder) -> None:
     assert span["data"]["db.url"] == "postgresql://app:[Filtered]@db:5432/x"
     assert span["data"]["conninfo"] == "host=db password=[Filtered] dbname=x"
     assert_no_leak(recorder, "s3cretpw", PUBLIC_KEY)
+
+
+def test_envelope_trace_header_keeps_the_public_key(recorder: SentryRecorder, caplog) -> None:
+    # Sentry needs the public key in the dynamic sampling context it reads from the
+    # envelope header; the key is not a secret (the SDK sends it with every request).
+    caplog.set_level(logging.INFO, logger=log.name)
+    assert init_sentry(settings_for(recorder.dsn)) is True
+    log.info("reporting to %s", recorder.dsn)
+    with sentry_sdk.start_transaction(op="process_events", name="process_outbox_events"):
+        raise_and_capture(f"key {PUBLIC_KEY} refused by {recorder.dsn}")
+    sentry_sdk.crons.capture_checkin(monitor_slug="outbox-relay", status="ok")
+    flush_sentry()
+
+    def envelopes_of(item_type: str):
+        return recorder.wait_for(lambda r: [e for e in r.envelopes if e.items_of(item_type)])
+
+    for item_type in ("event", "transaction", "check_in"):
+        [envelope] = envelopes_of(item_type)
+        assert envelope.headers["trace"]["public_key"] == PUBLIC_KEY, item_type
+    # Everywhere else the key and the DSN stay filtered.
+    event = recorder.payloads("event")[0]
+    assert event["exception"]["values"][0]["value"] == f"key {FILTERED} refused by {FILTERED}"
+    [crumb] = event["breadcrumbs"]["values"]
+    assert crumb["message"] == f"reporting to {FILTERED}"
+    assert_no_leak(recorder, PUBLIC_KEY)
 
 
 def event_with_payload() -> None:

@@ -414,6 +414,19 @@ class SentryRecorder:
         """All decoded bodies as one string (undecodable bytes escaped)."""
         return "\n".join(b.decode("utf-8", "backslashreplace") for b in self.raw_bodies)
 
+    def raw_text_without_trace_key(self) -> str:
+        """:meth:`raw_text` with ``public_key`` taken out of each envelope header's ``trace``
+        (the dynamic sampling context), the one place the DSN's public key is meant to be
+        sent: for asserting that a key appears nowhere else."""
+        bodies = []
+        for envelope in self.envelopes:
+            headers = dict(envelope.headers)
+            if isinstance(headers.get("trace"), dict):
+                headers["trace"] = {k: v for k, v in headers["trace"].items() if k != "public_key"}
+            items = envelope.raw.partition(b"\n")[2]
+            bodies.append(json.dumps(headers) + "\n" + items.decode("utf-8", "backslashreplace"))
+        return "\n".join(bodies)
+
     def items(self, item_type: Optional[str] = None) -> list[RecordedItem]:
         """Items of one type ('event', 'transaction', 'check_in', 'trace_metric',
         'log', 'client_report', ...) across all envelopes, in arrival order."""
