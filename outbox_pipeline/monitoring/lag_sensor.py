@@ -31,7 +31,7 @@ import sentry_sdk.metrics
 
 from outbox_pipeline.errors import ConfigurationError, OutboxPipelineError
 from outbox_pipeline.monitoring import crons
-from outbox_pipeline.monitoring.run_monitor import RELAY_JOB, metric_attributes
+from outbox_pipeline.monitoring.relay_report import RELAY_JOB, metric_attributes
 from outbox_pipeline.monitoring.sentry_setup import flush_sentry, fresh_scope, init_sentry
 from outbox_pipeline.resources import OutboxDatabaseResource
 from outbox_pipeline.settings import parse_bool, parse_number

@@ -180,6 +180,14 @@ def _make_scrubber(settings: SentrySettings) -> Callable[[Any], Any]:
     return scrub_payload
 
 
+def _log_line_key(crumb: Any) -> Any:
+    """What identifies the log line behind a breadcrumb (None for other breadcrumbs)."""
+    if crumb.get("type") != "log":
+        return None
+    meta = (crumb.get("data") or {}).get("dagster_meta") or {}
+    return meta.get("log_message_id") or (crumb.get("category"), crumb.get("level"), crumb.get("message"))
+
+
 def sentry_init_options(settings: SentrySettings) -> dict[str, Any]:
     """Keyword arguments for ``sentry_sdk.init`` for these settings."""
     scrub_payload = _make_scrubber(settings)
@@ -195,11 +203,12 @@ def sentry_init_options(settings: SentrySettings) -> dict[str, Any]:
 
     def before_breadcrumb(crumb: Any, hint: Any) -> Any:
         # Dagster hands each log line to its log manager and then to its
-        # console logger: keep one breadcrumb of the two.
-        key = (crumb.get("category"), crumb.get("level"), crumb.get("message"))
-        if crumb.get("type") == "log" and getattr(last_crumb, "key", None) == key:
+        # console logger (a line logged through get_dagster_logger is a record
+        # of its own first, under another logger name): keep one breadcrumb.
+        key = _log_line_key(crumb)
+        if key is not None and getattr(last_crumb, "key", None) == key:
             return None
-        last_crumb.key = key if crumb.get("type") == "log" else None
+        last_crumb.key = key
         return scrub_payload(crumb)
 
     def before_send_metric(metric: Any, hint: Any) -> Any:
