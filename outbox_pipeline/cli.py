@@ -123,11 +123,17 @@ def cmd_relay(stores: _Stores, args: argparse.Namespace) -> int:
     import os
     import socket
 
+    from outbox_pipeline.monitoring.relay_report import command_run_report
     from outbox_pipeline.relay import Relay, RelayPolicy
 
     policy = RelayPolicy.from_settings(stores.settings, **({"batch_size": args.batch_size} if args.batch_size else {}))
-    relay = Relay(stores.outbox(), _clickhouse(stores, stores.event_log), policy, claimed_by=f"cli:{socket.gethostname()}:{os.getpid()}")
-    totals = relay.drain(max_batches=args.max_batches)
+    claimed_by = f"cli:{socket.gethostname()}:{os.getpid()}"
+    # Reported to Sentry like a Dagster relay run: one transaction, one check-in pair.
+    with command_run_report(
+        lambda: stores.outbox().counts(include_processed=False), settings=stores.settings, tags={"outbox.claimed_by": claimed_by}
+    ) as report:
+        relay = Relay(stores.outbox(), _clickhouse(stores, stores.event_log), policy, claimed_by=claimed_by, on_retry=report.record_retry)
+        totals = relay.drain(max_batches=args.max_batches, on_batch=report.record_batch)
     rate = totals.events_loaded / totals.seconds if totals.seconds else 0.0
     print(
         f"loaded {totals.events_loaded} events in {totals.batches} batches in {totals.seconds:.2f}s "

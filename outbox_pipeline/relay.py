@@ -28,13 +28,11 @@ from collections.abc import Callable
 from outbox_pipeline.errors import OutboxPipelineError
 from outbox_pipeline.memory import return_large_buffers_to_the_system
 from outbox_pipeline.prefetch import BatchPrefetcher
-from outbox_pipeline.retrying import RetryPolicy, call_with_retries
+from outbox_pipeline.retrying import RetryCallback, RetryNotice, RetryPolicy, call_with_retries
 from outbox_pipeline.settings import RelaySettings
 from outbox_pipeline.stores.clickhouse_connection import ErrorKind, classify_clickhouse_error
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import BatchHandle, OutboxStore, RejectedEvent
-
-RetryCallback = Callable[[str, int, BaseException, float], None]
 
 
 class TooManyRejectedEventsError(OutboxPipelineError):
@@ -73,6 +71,10 @@ class LoadResult:
     inserts: int
     seconds: float
     lease_lost: bool = False
+
+
+# Told of every batch a drain marked processed (the run's report counts them as they land).
+BatchCallback = Callable[[LoadResult], None]
 
 
 @dataclasses.dataclass
@@ -191,7 +193,9 @@ class Relay:
 
     # -- loops ------------------------------------------------------------------------------
 
-    def drain(self, *, max_batches: int | None = None, deadline: float | None = None) -> RunTotals:
+    def drain(
+        self, *, max_batches: int | None = None, deadline: float | None = None, on_batch: BatchCallback | None = None
+    ) -> RunTotals:
         """Claim, load and mark until there is no work, or a limit is reached."""
         totals = RunTotals()
         started = time.perf_counter()
@@ -209,6 +213,8 @@ class Relay:
             # A batch taken over by another run (our lease expired) is that run's to count.
             if self.mark(result, handle):
                 totals.add(result)
+                if on_batch is not None:
+                    on_batch(result)
         totals.retries = self.retries
         totals.seconds = time.perf_counter() - started
         return totals
@@ -227,10 +233,10 @@ class Relay:
     def _with_retries(self, what: str, fn, before_retry=None):
         return call_with_retries(what, fn, self.policy.retry, on_retry=self._count_retry, before_retry=before_retry)
 
-    def _count_retry(self, what: str, attempt: int, exc: BaseException, delay: float) -> None:
+    def _count_retry(self, notice: RetryNotice) -> None:
         self.retries += 1
         if self._on_retry is not None:
-            self._on_retry(what, attempt, exc, delay)
+            self._on_retry(notice)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -19,6 +19,27 @@ MAX_BACKOFF_SECONDS = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
+class RetryNotice:
+    """A transient failure about to be retried, for whoever reports retries."""
+
+    what: str  # "inserting into ClickHouse", "claiming a batch in PostgreSQL", ...
+    attempt: int  # the attempt that failed, from 1
+    attempts: int  # attempts in all
+    error: BaseException
+    delay: float  # seconds until the next attempt
+
+    @property
+    def message(self) -> str:
+        """One line, e.g. ``inserting into ClickHouse failed (OperationalError: HTTP 503 ...); attempt 2 of 5 in 0.42 s``."""
+        reason = " ".join(str(self.error).split())[:300]
+        cause = f"{type(self.error).__name__}: {reason}" if reason else type(self.error).__name__
+        return f"{self.what} failed ({cause}); attempt {self.attempt + 1} of {self.attempts} in {self.delay:.2f} s"
+
+
+RetryCallback = Callable[[RetryNotice], None]
+
+
+@dataclasses.dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 5
     base_seconds: float = 0.5
@@ -55,7 +76,7 @@ def call_with_retries(
     fn: Callable[[], T],
     policy: RetryPolicy,
     *,
-    on_retry: Callable[[str, int, BaseException, float], None] | None = None,
+    on_retry: RetryCallback | None = None,
     before_retry: Callable[[BaseException], None] | None = None,
     transient: Callable[[BaseException], bool] = is_transient,
 ) -> T:
@@ -79,7 +100,7 @@ def call_with_retries(
                 ) from exc
             delay = policy.backoff(attempt)
             if on_retry is not None:
-                on_retry(what, attempt, exc, delay)
+                on_retry(RetryNotice(what, attempt, policy.attempts, exc, delay))
             time.sleep(delay)
             if before_retry is not None:
                 try:

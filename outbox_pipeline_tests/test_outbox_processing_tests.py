@@ -6,15 +6,19 @@ real HTTP transport, pointed at a recording server on 127.0.0.1
 from the chDB-backed ClickHouse HTTP test server answering 503.
 """
 
-import sys
-import subprocess
+import logging
 import os
+import subprocess
+import sys
 import time
+import urllib.parse
 
 import dagster as dg
+import psycopg
 import pytest
 
 from outbox_pipeline.monitoring.run_monitor import TRACE_ID_TAG, TRANSACTION_STATUS_TAG
+from outbox_pipeline.resources import ClickHouseResource
 from outbox_pipeline_tests.conftest import event_log_store
 from outbox_pipeline_tests.monitoring.envelopes import (  # noqa: F401 - fixture
     ENVIRONMENT,
@@ -27,7 +31,7 @@ from outbox_pipeline_tests.monitoring.envelopes import (  # noqa: F401 - fixture
     trace,
     transactions,
 )
-from outbox_pipeline_tests.support.clickhouse_http_server import get_faults, running_clickhouse_http_server
+from outbox_pipeline_tests.support.clickhouse_http_server import closed_port_url, get_faults, running_clickhouse_http_server
 from outbox_pipeline_tests.support.relay_runs import publish_raw, run_relay
 from outbox_pipeline_tests.support.sentry_recorder import SentryRecorder, unreachable_dsn
 
@@ -160,6 +164,61 @@ def test_process_outbox_events_sentry_error_handling(relay_env, outbox, recorder
     counts = outbox.counts()
     assert (counts.pending, counts.processed, counts.failed) == (EVENTS, 0, 0)
     assert PASSWORD not in recorder.raw_text()
+
+
+def test_a_run_whose_clickhouse_is_unreachable_sends_its_end_of_run_figures(relay_env, outbox, recorder, monkeypatch):
+    publish_raw(relay_env["OUTBOX_DATABASE_URL"], EVENTS)
+    monkeypatch.setenv("CLICKHOUSE_URL", closed_port_url())
+
+    result = run_relay(run_config=BATCH)
+
+    assert not result.success
+    [transaction] = transactions(recorder)
+    assert trace(transaction)["status"] == "internal_error"
+    assert "connecting to ClickHouse failed 5 times" in trace(transaction)["data"]["error"]
+    data = trace(transaction)["data"]
+    # The failed loads gave their batches back: everything still waits.
+    assert data["queue_size_before"] == EVENTS
+    assert data["queue_size_after"] == EVENTS
+    assert [m["value"] for m in metrics_named(recorder, "outbox.queue_size")] == [EVENTS, EVENTS]
+    [age] = metrics_named(recorder, "outbox.oldest_pending_age")
+    assert age["value"] > 0 and age["unit"] == "second"
+    assert outbox.counts().pending == EVENTS
+
+
+def test_when_the_end_of_run_figures_cannot_be_read_the_run_keeps_its_own_outcome(
+    relay_env, outbox, recorder, monkeypatch, postgres_server_url
+):
+    """PostgreSQL stops accepting connections once the run is under way, then ClickHouse cannot be reached."""
+    publish_raw(relay_env["OUTBOX_DATABASE_URL"], EVENTS)
+    database = urllib.parse.urlsplit(relay_env["OUTBOX_DATABASE_URL"]).path.lstrip("/")
+    connect_clickhouse = ClickHouseResource.store
+
+    def refuse_new_outbox_connections_then_connect(self):
+        with psycopg.connect(postgres_server_url, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        return connect_clickhouse(self)
+
+    monkeypatch.setattr(ClickHouseResource, "store", refuse_new_outbox_connections_then_connect)
+    monkeypatch.setenv("CLICKHOUSE_URL", closed_port_url())
+    instance = dg.DagsterInstance.ephemeral()
+    try:
+        result = run_relay(instance, run_config=BATCH)
+    finally:
+        with psycopg.connect(postgres_server_url, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+
+    assert not result.success
+    [failure, *_] = result.get_step_failure_events()
+    assert "connecting to ClickHouse failed 5 times" in failure.step_failure_data.error.to_string()
+    [transaction] = transactions(recorder)
+    assert trace(transaction)["status"] == "internal_error"
+    assert "connecting to ClickHouse failed 5 times" in trace(transaction)["data"]["error"]
+    assert "queue_size_after" not in trace(transaction)["data"]
+    assert [c["status"] for c in check_ins(recorder)] == ["in_progress", "error"]
+    warnings = [e.user_message for e in instance.all_logs(result.run_id) if e.level == logging.WARNING]
+    assert any(m.startswith("could not read the outbox queue at the end of the run:") for m in warnings), warnings
+    assert instance.get_run_by_id(result.run_id).tags[TRANSACTION_STATUS_TAG] == "internal_error"
 
 
 def test_rejected_events_are_counted_as_failed(relay_env, outbox, recorder):

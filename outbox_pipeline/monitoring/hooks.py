@@ -14,7 +14,8 @@ becomes a second event.
 import sentry_sdk
 import dagster as dg
 
-from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor, dagster_tags, one_line
+from outbox_pipeline.monitoring.relay_report import one_line
+from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor, dagster_tags
 from outbox_pipeline.monitoring.sentry_setup import init_sentry
 
 

@@ -30,7 +30,7 @@ import sentry_sdk.metrics
 
 from outbox_pipeline.errors import OutboxPipelineError
 from outbox_pipeline.monitoring.crons import CronMonitor
-from outbox_pipeline.monitoring.run_monitor import RELAY_JOB, metric_attributes
+from outbox_pipeline.monitoring.relay_report import RELAY_JOB, metric_attributes
 from outbox_pipeline.monitoring.sentry_setup import flush_sentry, fresh_scope, init_sentry
 from outbox_pipeline.assets import resource_keys
 from outbox_pipeline.relay_instance import RelayInstance

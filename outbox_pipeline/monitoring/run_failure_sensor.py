@@ -20,16 +20,8 @@ import dagster as dg
 import sentry_sdk
 
 from outbox_pipeline.monitoring.crons import CronMonitor
-from outbox_pipeline.monitoring.run_monitor import (
-    CHECK_IN_TAG,
-    TRACE_ID_TAG,
-    TRANSACTION_NAME,
-    TRANSACTION_OP,
-    TRANSACTION_STATUS_TAG,
-    dagster_tags,
-    RELAY_JOB,
-    one_line,
-)
+from outbox_pipeline.monitoring.relay_report import RELAY_JOB, RUNNER_TAG, TRANSACTION_NAME, TRANSACTION_OP, one_line
+from outbox_pipeline.monitoring.run_monitor import CHECK_IN_TAG, TRACE_ID_TAG, TRANSACTION_STATUS_TAG, dagster_tags
 from outbox_pipeline.monitoring.sentry_setup import flush_sentry, fresh_scope, init_sentry
 from outbox_pipeline.relay_instance import DEFAULT_RELAY, RELAY_NAME_TAG, definition_name
 from outbox_pipeline.settings import RelaySettings
@@ -90,7 +82,7 @@ def _complete_relay_report(
     transaction = sentry_sdk.start_transaction(
         op=TRANSACTION_OP, name=TRANSACTION_NAME, start_timestamp=_timestamp(start), **options
     )
-    for key, value in tags.items():
+    for key, value in {**tags, RUNNER_TAG: "dagster"}.items():
         transaction.set_tag(key, value)
     transaction.set_data("error", error)
     transaction.set_data("reported_by", SENSOR_NAME)

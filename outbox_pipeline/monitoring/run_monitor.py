@@ -4,43 +4,45 @@ A run-scoped resource: with the in-process executor it is set up once per run,
 before the first op, and torn down after the last, so the transaction covers
 the whole run whatever fails in between. Every call is a no-op when Sentry is
 not configured (no DSN, or DEBUG=true), and no Sentry problem fails the run:
-errors of the monitoring itself are logged as warnings.
+errors of the monitoring itself are logged as warnings. What is sent, and how,
+is shared with ``outbox-pipeline relay`` (relay_report).
+
+Resources can be set up again after a run has ended: `dagster job execute`
+opens the run's result (``JobExecutionResult`` as a context manager), which
+initialises them once more after RUN_SUCCESS. A monitor set up for a run that
+has already finished stays silent, so each run sends one transaction and one
+check-in pair. (The run's tags would not do as the sign: a run retried by the
+daemon inherits its parent's tags.)
 
 The run's status comes from its event log at teardown (any STEP_FAILURE makes
 it ``internal_error``), so a failure that no hook reported, such as an
-interrupted step, still marks the transaction failed. Run tags record the
-trace id, the open check-in and the transaction status, which lets the
-run-failure sensor finish the report of a run whose worker died.
+interrupted step, still marks the transaction failed. The queue figures of the
+end of the run are read at teardown when no op recorded them (the run failed),
+so a failed run keeps them too. Run tags record the trace id, the open
+check-in and the transaction status, which lets the run-failure sensor finish
+the report of a run whose worker died.
 """
 
 import contextlib
-import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
 import sentry_sdk
-import sentry_sdk.metrics
 from pydantic import Field, PrivateAttr
 
 from outbox_pipeline.monitoring.crons import CronMonitor
+from outbox_pipeline.monitoring.relay_report import RELAY_JOB, RUNNER_TAG, RelayRunReport, one_line
 from outbox_pipeline.monitoring.sentry_setup import SentrySettings, flush_sentry, init_sentry
-
-RELAY_JOB = "process_outbox_events"
-TRANSACTION_OP = "process_events"
-TRANSACTION_NAME = "process_outbox_events"
+from outbox_pipeline.relay import LoadResult
+from outbox_pipeline.retrying import RetryNotice
+from outbox_pipeline.settings import RelaySettings
+from outbox_pipeline.stores.outbox_store import OutboxCounts
 
 # Run tags written by the monitor (visible in the Dagster UI, read by the run-failure sensor).
 TRACE_ID_TAG = "outbox_pipeline/sentry_trace_id"
 CHECK_IN_TAG = "outbox_pipeline/sentry_check_in_id"
 TRANSACTION_STATUS_TAG = "outbox_pipeline/sentry_transaction_status"
-
-MAX_ERROR_CHARS = 1000
-
-
-def one_line(error: BaseException | str) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text[:MAX_ERROR_CHARS]
 
 
 def dagster_tags(run: dg.DagsterRun | None, job_name: str, run_id: str) -> dict[str, str]:
@@ -60,10 +62,6 @@ def _as_int(value: object) -> int:
         return 0
 
 
-def metric_attributes(job_name: str, environment: str) -> dict[str, str]:
-    return {"job": job_name, "environment": environment}
-
-
 def first_step_failure(instance: dg.DagsterInstance, run_id: str) -> str | None:
     """The error of the run's first STEP_FAILURE event, in one line; None when no step failed."""
     records = instance.get_records_for_run(run_id=run_id, of_type=dg.DagsterEventType.STEP_FAILURE, limit=1).records
@@ -80,6 +78,12 @@ def first_step_failure(instance: dg.DagsterInstance, run_id: str) -> str | None:
     return one_line(records[0].event_log_entry.message or "a step failed")
 
 
+def run_has_ended(context: dg.InitResourceContext, run: dg.DagsterRun) -> bool:
+    """Whether the run was already over when these resources were set up (a re-initialisation to read outputs)."""
+    stored = context.instance.get_run_by_id(run.run_id) if context.instance is not None else None
+    return (stored or run).is_finished
+
+
 class RelayRunMonitor(dg.ConfigurableResource):
     """Sentry reporting for the run it is set up in, with the code location's Sentry settings."""
 
@@ -93,99 +97,15 @@ class RelayRunMonitor(dg.ConfigurableResource):
     cron: CronMonitor = Field(default_factory=CronMonitor, description="The relay's Sentry Crons monitor.")
 
     _active: bool = PrivateAttr(default=False)
-    _transaction: Any = PrivateAttr(default=None)
-    _check_in_id: str | None = PrivateAttr(default=None)
-    _job_name: str = PrivateAttr(default="")
+    _silent: bool = PrivateAttr(default=False)
+    _report: RelayRunReport = PrivateAttr(default_factory=lambda: RelayRunReport("", "development"))
     _run_id: str = PrivateAttr(default="")
-    _started: float = PrivateAttr(default=0.0)
     _error: str | None = PrivateAttr(default=None)
-    _data: dict = PrivateAttr(default_factory=dict)
     _reported: set = PrivateAttr(default_factory=set)
-
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        self._transaction = None
-        self._check_in_id = None
-        self._error = None
-        self._reported = set()
-        self._started = time.perf_counter()
-        run = context.dagster_run
-        self._job_name = run.job_name if run else ""
-        self._run_id = run.run_id if run else ""
-        self._data = {
-            "batches": 0,
-            "events_processed": 0,
-            "events_failed": 0,
-            "retry_attempts": 0,
-            "failed_steps": 0,
-            "run_retry_number": _as_int((run.tags if run else {}).get("dagster/retry_number")),
-        }
-        try:
-            self._active = init_sentry(self.sentry_settings())
-        except Exception as exc:  # bad Sentry settings must not stop the relay
-            context.log.warning(f"Sentry is off for this run: {one_line(exc)}")
-            self._active = False
-        if not self._active:
-            return
-        # A run worker runs one run: start its breadcrumbs from nothing.
-        sentry_sdk.get_isolation_scope().clear_breadcrumbs()
-        if self._job_name != self.relay_job or run is None:
-            return
-        try:
-            self._start_transaction(context, run)
-        except Exception as exc:
-            context.log.warning(f"could not start the Sentry transaction: {one_line(exc)}")
-
-    def _start_transaction(self, context: dg.InitResourceContext, run: dg.DagsterRun) -> None:
-        transaction = sentry_sdk.start_transaction(op=TRANSACTION_OP, name=TRANSACTION_NAME)
-        for key, value in dagster_tags(run, self._job_name, run.run_id).items():
-            transaction.set_tag(key, value)
-        self._transaction = transaction
-        self._check_in_id = self.cron.open_check_in()
-        run_tags = {TRACE_ID_TAG: transaction.trace_id}
-        if self._check_in_id:
-            run_tags[CHECK_IN_TAG] = self._check_in_id
-        context.instance.add_run_tags(run.run_id, run_tags)
-
-    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        try:
-            if self._transaction is not None:
-                self._finish_transaction(context)
-        except Exception as exc:
-            context.log.warning(f"could not finish the Sentry transaction: {one_line(exc)}")
-        finally:
-            self._transaction = None
-            # A run worker exits right after this: send what is queued, bounded by the flush timeout.
-            flush_sentry()
-
-    def _finish_transaction(self, context: dg.InitResourceContext) -> None:
-        transaction = self._transaction
-        duration = time.perf_counter() - self._started
-        # The event log knows of failures no hook reported (an interrupted step, say).
-        error = self._error or first_step_failure(context.instance, self._run_id)
-        for key, value in {**self._data, "duration": round(duration, 3)}.items():
-            transaction.set_data(key, value)
-        status = "ok" if error is None else "internal_error"
-        transaction.set_status(status)
-        if error is not None:
-            transaction.set_data("error", error)
-        transaction.finish()
-        self.cron.close_check_in(self._check_in_id, ok=error is None, duration=duration)
-        context.instance.add_run_tags(self._run_id, {TRANSACTION_STATUS_TAG: status})
-
-    # -- called by ops and hooks ----------------------------------------------------------------
-
-    def sentry_settings(self) -> SentrySettings:
-        return SentrySettings(
-            dsn=self.dsn,
-            environment=self.environment,
-            debug=self.debug,
-            traces_sample_rate=self.traces_sample_rate,
-            send_event_payloads=self.send_event_payloads,
-            flush_timeout_seconds=self.flush_timeout_seconds,
-        )
+    _read_queue: Callable[[], OutboxCounts] | None = PrivateAttr(default=None)
 
     @classmethod
-    def from_settings(cls, settings, relay_name: str = "default", relay_job: str = RELAY_JOB) -> "RelayRunMonitor":
+    def from_settings(cls, settings: RelaySettings, relay_name: str = "default", relay_job: str = RELAY_JOB) -> "RelayRunMonitor":
         """The monitor of one relay; the DSN stays a variable's name in the UI."""
         return cls(
             relay_job=relay_job,
@@ -198,30 +118,95 @@ class RelayRunMonitor(dg.ConfigurableResource):
             cron=CronMonitor.from_settings(settings, relay_name),
         )
 
+    def sentry_settings(self) -> SentrySettings:
+        return SentrySettings(
+            dsn=self.dsn,
+            environment=self.environment,
+            debug=self.debug,
+            traces_sample_rate=self.traces_sample_rate,
+            send_event_payloads=self.send_event_payloads,
+            flush_timeout_seconds=self.flush_timeout_seconds,
+        )
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._error = None
+        self._reported = set()
+        self._read_queue = None
+        run = context.dagster_run
+        job_name = run.job_name if run else ""
+        self._run_id = run.run_id if run else ""
+        self._active = False
+        retry_number = _as_int((run.tags if run else {}).get("dagster/retry_number"))
+        self._report = RelayRunReport(job_name, self.environment, self.cron, run_retry_number=retry_number)
+        self._silent = run is not None and run_has_ended(context, run)
+        if self._silent:
+            return  # set up again after the run ended: its report was sent already
+        try:
+            self._active = init_sentry(self.sentry_settings())
+        except Exception as exc:  # Sentry must not stop the relay
+            context.log.warning(f"Sentry is off for this run: {one_line(exc)}")
+        if not self._active:
+            return
+        # A run worker runs one run: start its breadcrumbs from nothing.
+        sentry_sdk.get_isolation_scope().clear_breadcrumbs()
+        if job_name != self.relay_job or run is None:
+            return
+        try:
+            self._report.open({**dagster_tags(run, job_name, run.run_id), RUNNER_TAG: "dagster"})
+            run_tags = {TRACE_ID_TAG: self._report.transaction.trace_id}
+            if self._report.check_in_id:
+                run_tags[CHECK_IN_TAG] = self._report.check_in_id
+            context.instance.add_run_tags(run.run_id, run_tags)
+        except Exception as exc:
+            context.log.warning(f"could not start the Sentry transaction: {one_line(exc)}")
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._silent:
+            return
+        try:
+            if self._active and self._report.job_name == self.relay_job:
+                self._record_queue_at_end(context)
+            if self._report.transaction is not None:
+                # The event log knows of failures no hook reported (an interrupted step, say).
+                error = self._error or first_step_failure(context.instance, self._run_id)
+                status = self._report.close(error)
+                context.instance.add_run_tags(self._run_id, {TRANSACTION_STATUS_TAG: status})
+        except Exception as exc:
+            context.log.warning(f"could not finish the Sentry transaction: {one_line(exc)}")
+        finally:
+            self._report.transaction = None
+            # A run worker exits right after this: send what is queued, bounded by the flush timeout.
+            flush_sentry()
+
+    def _record_queue_at_end(self, context: dg.InitResourceContext) -> None:
+        # The last op records the figures of a run that got that far; a failed run's are read here.
+        if self._report.queue_after_recorded or self._read_queue is None:
+            return
+        try:
+            counts = self._read_queue()
+        except Exception as exc:  # never a reason to change the run's outcome
+            context.log.warning(f"could not read the outbox queue at the end of the run: {one_line(exc)}")
+            return
+        self._report.record_queue_after(counts)
+
+    # -- called by ops and hooks ----------------------------------------------------------------
+
     @property
     def transaction(self) -> Any:
         """The run's transaction, or None (Sentry off, or not the relay job)."""
-        return self._transaction
+        return self._report.transaction
 
-    @contextlib.contextmanager
-    def span(self, op: str, description: str, **data: Any) -> Iterator[Any]:
-        if self._transaction is None:
-            yield None
-            return
-        with self._transaction.start_child(op=op, name=description) as span:
-            for key, value in data.items():
-                span.set_data(key, value)
-            yield span
+    def span(self, op: str, description: str, **data: Any) -> contextlib.AbstractContextManager[Any]:
+        return self._report.span(op, description, **data)
 
     def set_data(self, **data: Any) -> None:
-        self._data.update(data)
+        self._report.data.update(data)
 
     def add_data(self, **increments: float) -> None:
-        for key, value in increments.items():
-            self._data[key] = self._data.get(key, 0) + value
+        self._report.add_data(**increments)
 
     def data(self) -> dict:
-        return dict(self._data)
+        return dict(self._report.data)
 
     def record_failure(self, error: BaseException | str) -> None:
         if self._error is None:
@@ -241,23 +226,29 @@ class RelayRunMonitor(dg.ConfigurableResource):
         return True
 
     def count(self, name: str, value: float = 1, unit: str | None = None) -> None:
-        sentry_sdk.metrics.count(name, value, unit=unit, attributes=self._attributes())
+        self._report.count(name, value, unit)
 
     def gauge(self, name: str, value: float, unit: str | None = None) -> None:
-        sentry_sdk.metrics.gauge(name, value, unit=unit, attributes=self._attributes())
+        self._report.gauge(name, value, unit)
 
     def distribution(self, name: str, value: float, unit: str | None = None) -> None:
-        sentry_sdk.metrics.distribution(name, value, unit=unit, attributes=self._attributes())
+        self._report.distribution(name, value, unit)
 
-    def _attributes(self) -> dict[str, str]:
-        return metric_attributes(self._job_name, self.environment)
+    def record_queue_before(self, counts: OutboxCounts) -> None:
+        self._report.record_queue_before(counts)
 
-    def on_retry(self, what: str, attempt: int, exc: BaseException, delay: float) -> None:
-        """Callback for the relay's transient-error retries."""
-        self.add_data(retry_attempts=1)
-        self.count("outbox.retry_attempts")
-        sentry_sdk.add_breadcrumb(
-            category="outbox.retry",
-            level="warning",
-            message=f"retrying {what} (attempt {attempt + 1}) in {delay:.2f}s after {type(exc).__name__}: {one_line(exc)}",
-        )
+    def record_queue_after(self, counts: OutboxCounts) -> None:
+        self._report.record_queue_after(counts)
+
+    def read_queue_at_end(self, read: Callable[[], OutboxCounts]) -> None:
+        """How to read the queue at teardown if the run ends before ``record_queue_after`` (it failed)."""
+        self._read_queue = read
+
+    def record_batch(self, result: LoadResult) -> None:
+        self._report.record_batch(result)
+
+    def on_retry(self, notice: RetryNotice) -> None:
+        """Callback for the relay's transient-error retries: a warning in the run log, a breadcrumb, a count."""
+        self._report.record_retry(notice)
+        # Logged from inside the op that retries, so Dagster files it under that step.
+        dg.get_dagster_logger().warning(notice.message)

@@ -58,8 +58,6 @@ UNKNOWN_VERSION = "0.0.0+unknown"
 # Field of a relayed outbox event that holds its (possibly personal) payload.
 EVENT_PAYLOAD_KEY = "event_context"
 
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"", "0", "false", "no", "off"})
 
 
 def default_release() -> str:
@@ -68,26 +66,6 @@ def default_release() -> str:
     except metadata.PackageNotFoundError:
         version = UNKNOWN_VERSION
     return f"{PACKAGE_NAME}@{version}"
-
-
-def _parse_bool(name: str, raw: Optional[str], default: bool) -> bool:
-    if raw is None:
-        return default
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"{name}={raw!r} is not a boolean (use 1/0, true/false, yes/no, on/off)")
-
-
-def _parse_float(name: str, raw: Optional[str], default: float) -> float:
-    if raw is None or not raw.strip():
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number") from None
 
 
 @dataclass(frozen=True)
@@ -117,23 +95,11 @@ class SentrySettings:
         return bool(self.dsn) and not self.debug
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "SentrySettings":
-        dsn = (environ.get("SENTRY_CONFIG_DSN") or "").strip() or None
-        environment = (environ.get("SENTRY_CONFIG_ENVIRONMENT") or "").strip()
-        return cls(
-            dsn=dsn,
-            environment=environment or "development",
-            debug=_parse_bool("DEBUG", environ.get("DEBUG"), False),
-            traces_sample_rate=_parse_float(
-                "SENTRY_TRACES_SAMPLE_RATE", environ.get("SENTRY_TRACES_SAMPLE_RATE"), 1.0
-            ),
-            send_event_payloads=_parse_bool(
-                "SENTRY_SEND_EVENT_PAYLOADS", environ.get("SENTRY_SEND_EVENT_PAYLOADS"), False
-            ),
-            flush_timeout_seconds=_parse_float(
-                "SENTRY_FLUSH_TIMEOUT_SECONDS", environ.get("SENTRY_FLUSH_TIMEOUT_SECONDS"), 2.0
-            ),
-        )
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "SentrySettings":
+        """The Sentry part of the project's settings (one parser for every variable)."""
+        from outbox_pipeline.settings import load_settings
+
+        return load_settings(environ).sentry
 
 
 class BoundedHttpTransport(HttpTransport):
@@ -209,6 +175,14 @@ def _make_event_scrubber(settings: SentrySettings) -> Callable[[Any], Any]:
     return scrub_event
 
 
+def _log_line_key(crumb: Any) -> Any:
+    """What identifies the log line behind a breadcrumb (None for other breadcrumbs)."""
+    if crumb.get("type") != "log":
+        return None
+    meta = (crumb.get("data") or {}).get("dagster_meta") or {}
+    return meta.get("log_message_id") or (crumb.get("category"), crumb.get("level"), crumb.get("message"))
+
+
 def sentry_init_options(settings: SentrySettings) -> dict[str, Any]:
     """Keyword arguments for ``sentry_sdk.init`` for these settings."""
     scrub_payload = _make_scrubber(settings)
@@ -225,11 +199,12 @@ def sentry_init_options(settings: SentrySettings) -> dict[str, Any]:
 
     def before_breadcrumb(crumb: Any, hint: Any) -> Any:
         # Dagster hands each log line to its log manager and then to its
-        # console logger: keep one breadcrumb of the two.
-        key = (crumb.get("category"), crumb.get("level"), crumb.get("message"))
-        if crumb.get("type") == "log" and getattr(last_crumb, "key", None) == key:
+        # console logger (a line logged through get_dagster_logger is a record
+        # of its own first, under another logger name): keep one breadcrumb.
+        key = _log_line_key(crumb)
+        if key is not None and getattr(last_crumb, "key", None) == key:
             return None
-        last_crumb.key = key if crumb.get("type") == "log" else None
+        last_crumb.key = key
         return scrub_payload(crumb)
 
     def before_send_metric(metric: Any, hint: Any) -> Any:

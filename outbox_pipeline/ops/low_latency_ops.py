@@ -58,19 +58,16 @@ def relay_continuously(
         listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
         while time.monotonic() < deadline:
             started = time.monotonic()
-            drained = relay.drain(deadline=deadline)
+            drained = relay.drain(deadline=deadline, on_batch=monitor.record_batch)
             totals.batches += drained.batches
             totals.events_loaded += drained.events_loaded
             totals.events_rejected += drained.events_rejected
-            if drained.events_loaded:
-                monitor.count("outbox.events_processed", drained.events_loaded)
             # Notifications that arrived while draining are covered by the next drain.
             pause = config.min_interval_seconds - (time.monotonic() - started)
             if pause > 0:
                 time.sleep(pause)
             wait_for_commit(listener, min(config.poll_seconds, max(0.0, deadline - time.monotonic())))
     totals.retries = relay.retries
-    monitor.set_data(batches=totals.batches, events_processed=totals.events_loaded, events_failed=totals.events_rejected)
     context.log.info(f"relayed {totals.events_loaded} events in {totals.batches} batches")
     summary = {"events_loaded": totals.events_loaded, "batches": totals.batches, "events_rejected": totals.events_rejected}
     return dg.Output(summary, metadata={key: dg.MetadataValue.int(value) for key, value in summary.items()})

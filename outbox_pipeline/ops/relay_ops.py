@@ -16,7 +16,7 @@ from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
 from outbox_pipeline.retrying import call_with_retries, is_transient
 from outbox_pipeline.run_config import RelayRunConfig
 from outbox_pipeline.stores.event_log_store import EventLogStore
-from outbox_pipeline.stores.outbox_store import BatchHandle
+from outbox_pipeline.stores.outbox_store import BatchHandle, OutboxCounts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +54,12 @@ def build_relay(
     )
 
 
+def read_queue(outbox: OutboxDatabaseResource) -> OutboxCounts:
+    """The queue, on a connection of its own: the run's may be what failed."""
+    with outbox.short_lived_store() as store:
+        return store.counts(include_processed=False)
+
+
 def connect_event_log(clickhouse: ClickHouseResource, relay: Relay, monitor: RelayRunMonitor) -> EventLogStore:
     """ClickHouse may be down (503, refused) when the run starts: connecting is retried like every later call."""
     return call_with_retries(
@@ -77,9 +83,11 @@ def extract_outbox_batches(
     max_batches = config.max_batches or outbox.max_batches_per_run
     relay = build_relay(context, outbox, monitor, batch_size)
     deadline = time.time() + (config.max_seconds or outbox.max_seconds_per_run)
+    # Should the run fail before report_relay_run, the monitor reads the queue's end figures itself.
+    monitor.read_queue_at_end(lambda: read_queue(outbox))
     counts = outbox.store().counts(include_processed=False)
-    monitor.set_data(batch_size=batch_size, queue_size_before=counts.pending, batches=0, events_processed=0, events_failed=0)
-    monitor.gauge("outbox.queue_size", counts.pending)
+    monitor.set_data(batch_size=batch_size)
+    monitor.record_queue_before(counts)
     context.log.info(f"{counts.pending} events pending; claiming up to {max_batches} batches of {batch_size}")
     claimed = 0
     while claimed < max_batches:
@@ -146,10 +154,7 @@ def mark_batch_processed(
     with monitor.span("mark", "mark batch processed", batch_id=loaded.batch_id):
         marked = relay.mark(loaded, claimed.handle)
     if marked:
-        monitor.add_data(batches=1, events_processed=loaded.loaded_rows, events_failed=len(loaded.rejected))
-        monitor.count("outbox.events_processed", loaded.loaded_rows)
-        if loaded.rejected:
-            monitor.count("outbox.events_failed", len(loaded.rejected))
+        monitor.record_batch(loaded)
     elif not loaded.lease_lost:
         context.log.info(f"batch {loaded.batch_id} was finished by another run")
     return MarkedBatch(
@@ -171,9 +176,7 @@ def report_relay_run(
     loaded = sum(b.loaded_rows for b in batches)
     counts = outbox.store().counts(include_processed=False)
     lag = counts.oldest_pending_age_seconds or 0.0
-    monitor.set_data(queue_size_after=counts.pending)
-    monitor.gauge("outbox.queue_size", counts.pending)
-    monitor.gauge("outbox.oldest_pending_age", lag, unit="second")
+    monitor.record_queue_after(counts)
     metadata = {
         "events_loaded": dg.MetadataValue.int(loaded),
         "events_rejected": dg.MetadataValue.int(sum(b.rejected_rows for b in batches)),

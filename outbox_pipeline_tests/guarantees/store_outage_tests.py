@@ -7,15 +7,23 @@ are counted where an operator sees them: the run's Sentry transaction
 (recorded by the real sentry-sdk transport) and the counters of the server.
 """
 
-import socket
+import logging
+import re
 
+import dagster as dg
 import psycopg
 import pytest
 
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import OutboxStore
 from outbox_pipeline_tests.conftest import event_log_store, prepare_relay
-from outbox_pipeline_tests.support.clickhouse_http_server import clear_faults, get_faults, running_clickhouse_http_server, set_faults
+from outbox_pipeline_tests.support.clickhouse_http_server import (
+    clear_faults,
+    closed_port_url,
+    get_faults,
+    running_clickhouse_http_server,
+    set_faults,
+)
 from outbox_pipeline_tests.support.relay_runs import publish_raw, run_relay
 
 EVENTS = 500
@@ -78,6 +86,26 @@ def test_503_on_the_first_requests_is_retried_and_the_run_succeeds_exactly_once(
     assert outbox_state(outbox) == (0, EVENTS, 0)
 
 
+def test_each_retry_is_a_warning_in_the_run_log(http_relay_env):
+    env, outbox = http_relay_env
+    publish_raw(env["OUTBOX_DATABASE_URL"], EVENTS)
+    set_faults(env["CLICKHOUSE_URL"], fail_next_n=2, fail_status=503, match="INSERT INTO")
+    instance = dg.DagsterInstance.ephemeral()
+
+    result = run_relay(instance, run_config={"batch_size": BATCH})
+
+    assert result.success, failure_messages(result)
+    warnings = [entry for entry in instance.all_logs(result.run_id) if entry.level == logging.WARNING]
+    assert [entry.user_message for entry in warnings] == [
+        entry.user_message for entry in warnings if re.fullmatch(
+            r"inserting into ClickHouse failed \(.*503.*\); attempt \d of 5 in \d+\.\d\d s", entry.user_message
+        )
+    ]
+    # The first batch's insert failed twice: its second and third attempts follow, each announced in its step.
+    assert [re.search(r"attempt \d of 5", entry.user_message).group() for entry in warnings] == ["attempt 2 of 5", "attempt 3 of 5"]
+    assert all(entry.step_key and entry.step_key.startswith("load_batch[") for entry in warnings)
+
+
 def test_clickhouse_failing_every_insert_fails_the_run_in_one_line_and_a_later_run_delivers(http_relay_env):
     env, outbox = http_relay_env
     publish_raw(env["OUTBOX_DATABASE_URL"], EVENTS)
@@ -100,13 +128,6 @@ def test_clickhouse_failing_every_insert_fails_the_run_in_one_line_and_a_later_r
     assert run_relay(run_config={"batch_size": BATCH}).success
     assert clickhouse_counts(env["CLICKHOUSE_URL"]) == (EVENTS, EVENTS)
     assert outbox_state(outbox) == (0, EVENTS, 0)
-
-
-def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://default:@127.0.0.1:{port}/default"
 
 
 def test_clickhouse_not_listening_fails_the_run_in_one_line_and_a_later_run_delivers(http_relay_env, monkeypatch):

@@ -1326,5 +1326,13 @@ def running_clickhouse_http_server(path: str | os.PathLike[str], **options: Any)
         server.stop()
 
 
+def closed_port_url() -> str:
+    """A ClickHouse URL on a local port nothing listens on: every connection is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://default:@127.0.0.1:{port}/default"
+
+
 if __name__ == "__main__":
     sys.exit(main())
