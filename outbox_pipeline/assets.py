@@ -14,6 +14,7 @@ from pydantic import Field
 
 from outbox_pipeline.settings import parse_number
 from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
+from outbox_pipeline.run_limits import clickhouse_pool
 from outbox_pipeline.stores.event_log_store import TABLE
 
 
@@ -76,6 +77,8 @@ def event_log_freshness(config: FreshnessCheckConfig, outbox: OutboxDatabaseReso
     asset=event_log.key,
     name="no_duplicates",
     description="Every event_id appears once: count() == uniqExact(event_id), read without FINAL.",
+    # Queues behind runs holding the embedded ClickHouse, also when run from the asset page.
+    pool=clickhouse_pool(),
 )
 def event_log_no_duplicates(clickhouse: ClickHouseResource) -> dg.AssetCheckResult:
     rows, distinct = clickhouse.store().counts()

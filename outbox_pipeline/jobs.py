@@ -17,18 +17,11 @@ from outbox_pipeline.ops.low_latency_ops import relay_continuously
 from outbox_pipeline.ops.relay_ops import extract_outbox_batches, load_batch, mark_batch_processed, report_relay_run
 from outbox_pipeline.ops.replay_ops import replay_outbox_day
 from outbox_pipeline.ops.retention_ops import delete_old_outbox_events
+from outbox_pipeline.run_limits import clickhouse_run_tags
 from outbox_pipeline.settings import RelaySettings
 
 # Every relay run carries this tag; dagster.yaml limits how many run at once.
 RELAY_TAG = "outbox_pipeline/relay"
-# Runs that open ClickHouse carry this tag when it is the embedded chDB engine,
-# which only one process can open: dagster.yaml allows one such run at a time.
-EMBEDDED_CLICKHOUSE_TAG = "outbox_pipeline/embedded_clickhouse"
-
-
-def clickhouse_run_tags(settings: RelaySettings | None = None) -> dict[str, str]:
-    settings = settings or RelaySettings.from_env()
-    return {EMBEDDED_CLICKHOUSE_TAG: "exclusive"} if settings.uses_chdb else {}
 
 
 def relay_run_tags(settings: RelaySettings | None = None) -> dict[str, str]:
