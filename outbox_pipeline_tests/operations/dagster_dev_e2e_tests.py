@@ -279,7 +279,7 @@ def stop_stack(process: subprocess.Popen, state_dir: Path) -> None:
             os.kill(pid, signal.SIGKILL)
     postgres = embedded_postgres_pid(state_dir)
     if postgres:
-        # The last process using the embedded server normally stops it; a killed one cannot.
+        # The embedded server runs until it is stopped (`outbox-pipeline stop`); this one is the test's own.
         with contextlib.suppress(ProcessLookupError):
             os.kill(postgres, signal.SIGQUIT)  # immediate shutdown: the data is thrown away anyway
         deadline = time.monotonic() + 15
