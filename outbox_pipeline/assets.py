@@ -13,6 +13,7 @@ import dagster as dg
 from pydantic import Field
 
 from outbox_pipeline.relay_instance import RelayInstance
+from outbox_pipeline.run_limits import clickhouse_pool
 
 
 def resource_keys(instance: RelayInstance) -> tuple[str, str]:
@@ -82,6 +83,8 @@ def build_event_log_checks(instance: RelayInstance) -> list[dg.AssetChecksDefini
         name="no_duplicates",
         description="Every event_id appears once: count() == uniqExact(event_id), read without FINAL.",
         required_resource_keys={clickhouse_key},
+        # Queues behind runs holding the embedded ClickHouse, also when run from the asset page.
+        pool=clickhouse_pool(instance.uses_chdb),
     )
     def no_duplicates(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         rows, distinct = getattr(context.resources, clickhouse_key).store().counts()

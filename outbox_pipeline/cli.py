@@ -1,4 +1,4 @@
-"""The `outbox-pipeline` command: init, demo, status, relay, requeue.
+"""The `outbox-pipeline` command: init, demo, status, relay, requeue, start, stop.
 
 Every expected failure ends in one line on stderr and a non-zero exit code.
 """
@@ -18,6 +18,11 @@ import psycopg
 from outbox_pipeline.errors import OutboxPipelineError
 from outbox_pipeline.settings import RelaySettings
 from outbox_pipeline.stores.clickhouse_connection import translate_clickhouse_error
+from outbox_pipeline.stores.embedded_postgres import (
+    embedded_postgres_url,
+    running_embedded_postgres_pid,
+    stop_embedded_postgres,
+)
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import OutboxStore
 from outbox_pipeline.stores.postgres_connection import (
@@ -31,13 +36,23 @@ EXIT_USAGE = 2
 
 
 class _Stores:
-    """Opens each store on first use and closes what it opened."""
+    """Opens each store on first use and closes what it opened.
 
-    def __init__(self, settings: RelaySettings):
+    ``start_embedded``: whether a stopped embedded PostgreSQL server may be started.
+    """
+
+    def __init__(self, settings: RelaySettings, *, start_embedded: bool = True):
         self.settings = settings
-        self.outbox_url = resolve_outbox_database_url(settings)
+        self.start_embedded = start_embedded
+        self._outbox_url: str | None = None
         self._outbox: OutboxStore | None = None
         self._event_log: EventLogStore | None = None
+
+    @property
+    def outbox_url(self) -> str:
+        if self._outbox_url is None:
+            self._outbox_url = resolve_outbox_database_url(self.settings, start_embedded=self.start_embedded)
+        return self._outbox_url
 
     def outbox(self) -> OutboxStore:
         if self._outbox is None:
@@ -94,8 +109,11 @@ def cmd_demo(stores: _Stores, args: argparse.Namespace) -> int:
 def cmd_status(stores: _Stores, args: argparse.Namespace) -> int:
     outbox = stores.outbox()
     outbox.check_schema()
+    # ClickHouse first: opening it may wait for a relay run to release the embedded directory,
+    # and the PostgreSQL counts must be read after that wait, not before, to match its rows.
+    event_log = _clickhouse(stores, stores.event_log)
     counts = outbox.counts()
-    rows, distinct = _clickhouse(stores, lambda: stores.event_log().counts())
+    rows, distinct = _clickhouse(stores, event_log.counts)
     report = {
         "pending": counts.pending,
         "processed": counts.processed,
@@ -142,6 +160,33 @@ def cmd_relay(stores: _Stores, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_start(stores: _Stores, args: argparse.Namespace) -> int:
+    """Start the embedded PostgreSQL server; it runs until `outbox-pipeline stop`."""
+    settings = stores.settings
+    if not settings.uses_embedded_postgres:
+        print("OUTBOX_DATABASE_URL is set: the outbox is on that server, there is no embedded server to start")
+        return 0
+    data_dir = settings.embedded_postgres_dir
+    pid = running_embedded_postgres_pid(data_dir)
+    if pid is not None:
+        print(f"the embedded PostgreSQL server in {data_dir} is already running (pid {pid})")
+        return 0
+    embedded_postgres_url(data_dir)
+    print(f"started the embedded PostgreSQL server in {data_dir} (pid {running_embedded_postgres_pid(data_dir)})")
+    return 0
+
+
+def cmd_stop(stores: _Stores, args: argparse.Namespace) -> int:
+    """Stop the embedded PostgreSQL server under OUTBOX_STATE_DIR, if it runs."""
+    data_dir = stores.settings.embedded_postgres_dir
+    pid = stop_embedded_postgres(data_dir)
+    if pid is None:
+        print(f"the embedded PostgreSQL server in {data_dir} is not running")
+    else:
+        print(f"stopped the embedded PostgreSQL server in {data_dir} (pid {pid})")
+    return 0
+
+
 def cmd_requeue(stores: _Stores, args: argparse.Namespace) -> int:
     if not (args.event_ids or args.event_type or args.all):
         print("outbox-pipeline: error: name event ids, --event-type or --all", file=sys.stderr)
@@ -180,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="counts of pending, processed and failed events, and ClickHouse rows")
     status.add_argument("--json", action="store_true", help="print one JSON object")
-    status.set_defaults(handler=cmd_status)
+    # Looking must not change anything: a stopped embedded server stays stopped.
+    status.set_defaults(handler=cmd_status, start_embedded_postgres=False)
 
     relay = commands.add_parser("relay", help="drain the outbox once without Dagster")
     relay.add_argument("--batch-size", type=_positive_int, default=None)
@@ -192,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     requeue.add_argument("--event-type", default=None)
     requeue.add_argument("--all", action="store_true")
     requeue.set_defaults(handler=cmd_requeue)
+
+    start = commands.add_parser("start", help="start the embedded PostgreSQL server (it runs until `stop`)")
+    start.set_defaults(handler=cmd_start)
+    stop = commands.add_parser("stop", help="stop the embedded PostgreSQL server")
+    stop.set_defaults(handler=cmd_stop)
     return parser
 
 
@@ -217,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     stores = None
     try:
         settings = RelaySettings.from_env()
-        stores = _Stores(settings)
-        with postgres_errors_translated(stores.outbox_url):
+        stores = _Stores(settings, start_embedded=getattr(args, "start_embedded_postgres", True))
+        with postgres_errors_translated(lambda: stores.outbox_url):
             return args.handler(stores, args)
     except OutboxPipelineError as exc:
         print(f"outbox-pipeline: error: {exc}", file=sys.stderr)

@@ -19,20 +19,14 @@ from outbox_pipeline.ops.relay_ops import extract_outbox_batches, load_batch, ma
 from outbox_pipeline.ops.replay_ops import replay_outbox_day
 from outbox_pipeline.ops.retention_ops import delete_old_outbox_events
 from outbox_pipeline.relay_instance import RELAY_NAME_TAG, RelayInstance
+from outbox_pipeline.run_limits import clickhouse_run_tags
 
 # Every relay run carries this tag; dagster.yaml limits how many run at once.
 RELAY_TAG = "outbox_pipeline/relay"
-# Runs that open ClickHouse carry this tag when it is the embedded chDB engine,
-# which only one process can open: dagster.yaml allows one such run at a time.
-EMBEDDED_CLICKHOUSE_TAG = "outbox_pipeline/embedded_clickhouse"
-
-
-def clickhouse_run_tags(instance: RelayInstance) -> dict[str, str]:
-    return {EMBEDDED_CLICKHOUSE_TAG: "exclusive"} if instance.uses_chdb else {}
 
 
 def relay_run_tags(instance: RelayInstance) -> dict[str, str]:
-    return {RELAY_TAG: "true", RELAY_NAME_TAG: instance.name, **clickhouse_run_tags(instance)}
+    return {RELAY_TAG: "true", RELAY_NAME_TAG: instance.name, **clickhouse_run_tags(instance.uses_chdb)}
 
 
 @dg.graph(description="Move pending outbox events into ClickHouse: claim batches, load each, mark each processed.")
@@ -111,7 +105,7 @@ def build_jobs(instance: RelayInstance, resources: dict) -> RelayJobs:
         replay=replay_graph.to_job(
             name=instance.named("replay_outbox_events"),
             description=replay_graph.description + which,
-            tags=clickhouse_run_tags(instance),
+            tags=clickhouse_run_tags(instance.uses_chdb),
             partitions_def=replay_partitions(instance),
             **common,
         ),
@@ -126,6 +120,6 @@ def build_jobs(instance: RelayInstance, resources: dict) -> RelayJobs:
             description="Run the asset's checks: freshness (lag of the oldest pending event) and duplicates" + which + ".",
             executor_def=dg.in_process_executor,
             hooks={sentry_on_failure},
-            tags=clickhouse_run_tags(instance),
+            tags=clickhouse_run_tags(instance.uses_chdb),
         ),
     )

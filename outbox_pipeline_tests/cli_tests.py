@@ -1,22 +1,33 @@
 """The console script, run as a user runs it: a real process, its exit code and stderr."""
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
+import psutil
 import psycopg
 import pytest
 
+from outbox_pipeline.relay import Relay, RelayPolicy
+from outbox_pipeline.stores.outbox_store import OutboxStore
 from outbox_pipeline_tests.conftest import event_log_store
 from outbox_pipeline_tests.support.clickhouse_http_server import clear_faults, running_clickhouse_http_server, set_faults
 
 
-def outbox_pipeline(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+def outbox_pipeline_command(*args: str) -> list[str]:
     executable = shutil.which("outbox-pipeline", path=os.path.dirname(sys.executable))
-    command = [executable] if executable else [sys.executable, "-m", "outbox_pipeline.cli"]
-    return subprocess.run([*command, *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+    return [*([executable] if executable else [sys.executable, "-m", "outbox_pipeline.cli"]), *args]
+
+
+def outbox_pipeline(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(outbox_pipeline_command(*args), env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -137,3 +148,98 @@ def test_relay_command_gives_back_a_batch_it_could_not_load(cli_env, tmp_path):
         clear_faults(url)
         relay = outbox_pipeline("relay", env=env)
         assert relay.returncode == 0 and "loaded 10 events" in relay.stdout
+
+
+def test_status_figures_are_of_one_moment_while_a_relay_holds_clickhouse(cli_env):
+    """status waits for the embedded ClickHouse; the PostgreSQL counts must not be older than the ClickHouse ones."""
+    assert outbox_pipeline("init", env=cli_env).returncode == 0
+    assert outbox_pipeline("demo", "--count", "300", env=cli_env).returncode == 0
+    lock_file = Path(cli_env["CLICKHOUSE_URL"].removeprefix("chdb://") + ".lock")
+    env = {**os.environ, **cli_env, "OUTBOX_CLICKHOUSE_BUSY_WAIT_SECONDS": "60"}
+    # This process holds the chDB directory, as a relay run does, and relays while status waits for it.
+    with event_log_store(cli_env["CLICKHOUSE_URL"]) as event_log:
+        status = subprocess.Popen(outbox_pipeline_command("status", "--json"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            # status opens the lock file when it starts waiting for the directory.
+            while not any(Path(f.path) == lock_file for f in psutil.Process(status.pid).open_files()):
+                assert status.poll() is None, status.communicate()
+                assert time.monotonic() < deadline, "status never waited for the ClickHouse directory"
+                time.sleep(0.05)
+            outbox = OutboxStore.connect(cli_env["OUTBOX_DATABASE_URL"])
+            try:
+                totals = Relay(outbox, event_log, RelayPolicy(batch_size=100), claimed_by="test").drain()
+            finally:
+                outbox.close()
+            assert totals.events_loaded == 300
+        except BaseException:
+            status.kill()
+            raise
+    out, err = status.communicate(timeout=60)
+    assert status.returncode == 0, err
+    report = json.loads(out)
+    assert (report["pending"], report["in_flight"], report["processed"]) == (0, 0, 300), report
+    assert report["clickhouse_rows"] == report["clickhouse_distinct_event_ids"] == 300, report
+
+
+@pytest.fixture
+def embedded_env() -> dict[str, str]:
+    """The command's default stores: an embedded PostgreSQL and chDB under a state directory of the test's own."""
+    # Not under pytest's temporary root (mode 0700): the embedded server runs as its own system user under root.
+    state_dir = Path(tempfile.mkdtemp(prefix="outbox-cli-state-"))
+    state_dir.chmod(0o755)
+    yield {"OUTBOX_STATE_DIR": str(state_dir), "OUTBOX_DATABASE_URL": "", "CLICKHOUSE_URL": ""}
+    pid = embedded_postgres_pid(state_dir)
+    if pid is not None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process = psutil.Process(pid)
+            process.send_signal(signal.SIGQUIT)  # immediate shutdown: the data is thrown away
+            process.wait(15)
+    shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def embedded_postgres_pid(state_dir: Path) -> int | None:
+    """The embedded server's pid from its postmaster.pid file, if that process is alive."""
+    try:
+        pid = int((state_dir / "postgres" / "postmaster.pid").read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if psutil.pid_exists(pid) else None
+
+
+def test_status_does_not_start_a_stopped_embedded_server(embedded_env):
+    state_dir = Path(embedded_env["OUTBOX_STATE_DIR"])
+    assert outbox_pipeline("init", env=embedded_env).returncode == 0
+    pid = embedded_postgres_pid(state_dir)
+    if pid is not None:  # stopped by hand
+        server = psutil.Process(pid)
+        server.send_signal(signal.SIGINT)
+        server.wait(60)
+    result = outbox_pipeline("status", env=embedded_env)
+    assert_one_line_error(result, f"the embedded PostgreSQL server in {state_dir / 'postgres'} is not running", "outbox-pipeline start")
+    assert result.returncode == 1
+    assert embedded_postgres_pid(state_dir) is None
+    assert not (state_dir / "postgres" / "postmaster.pid").exists()
+
+
+def test_start_and_stop_the_embedded_server(embedded_env):
+    data_dir = Path(embedded_env["OUTBOX_STATE_DIR"]) / "postgres"
+    started = outbox_pipeline("start", env=embedded_env)
+    assert started.returncode == 0, started.stderr
+    pid = embedded_postgres_pid(data_dir.parent)
+    assert pid is not None
+    assert started.stdout == f"started the embedded PostgreSQL server in {data_dir} (pid {pid})\n"
+    again = outbox_pipeline("start", env=embedded_env)
+    assert again.stdout == f"the embedded PostgreSQL server in {data_dir} is already running (pid {pid})\n"
+    # Commands use the running server and leave it running.
+    assert outbox_pipeline("init", env=embedded_env).returncode == 0
+    assert json.loads(outbox_pipeline("status", "--json", env=embedded_env).stdout)["pending"] == 0
+    assert embedded_postgres_pid(data_dir.parent) == pid
+
+    stopped = outbox_pipeline("stop", env=embedded_env)
+    assert (stopped.returncode, stopped.stderr) == (0, "")
+    assert stopped.stdout == f"stopped the embedded PostgreSQL server in {data_dir} (pid {pid})\n"
+    assert not psutil.pid_exists(pid)
+    assert not (data_dir / "postmaster.pid").exists()
+    already = outbox_pipeline("stop", env=embedded_env)
+    assert (already.returncode, already.stdout) == (0, f"the embedded PostgreSQL server in {data_dir} is not running\n")

@@ -16,6 +16,7 @@ from pydantic import Field
 from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor
 from outbox_pipeline.relay import Relay, RunTotals
 from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
+from outbox_pipeline.run_limits import shared_ops_pool
 from outbox_pipeline.stores.outbox_store import NOTIFY_CHANNEL
 from outbox_pipeline.stores.postgres_connection import connect_postgres
 
@@ -38,7 +39,10 @@ def wait_for_commit(listener: psycopg.Connection, timeout: float) -> bool:
     return False
 
 
-@dg.op(description="Relay continuously: drain on every producer commit (LISTEN/NOTIFY) until max_seconds.")
+@dg.op(
+    description="Relay continuously: drain on every producer commit (LISTEN/NOTIFY) until max_seconds.",
+    pool=shared_ops_pool(),
+)
 def relay_continuously(
     context: dg.OpExecutionContext,
     config: LowLatencyConfig,

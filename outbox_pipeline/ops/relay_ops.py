@@ -15,6 +15,7 @@ from outbox_pipeline.relay import LoadResult, Relay
 from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
 from outbox_pipeline.retrying import call_with_retries, is_transient
 from outbox_pipeline.run_config import RelayRunConfig
+from outbox_pipeline.run_limits import shared_ops_pool
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import BatchHandle, OutboxCounts
 
@@ -105,7 +106,10 @@ def extract_outbox_batches(
     context.log.info(f"claimed {claimed} batches")
 
 
-@dg.op(description="Insert one claimed batch into ClickHouse, idempotently; isolates events ClickHouse rejects.")
+@dg.op(
+    description="Insert one claimed batch into ClickHouse, idempotently; isolates events ClickHouse rejects.",
+    pool=shared_ops_pool(),
+)
 def load_batch(
     context: dg.OpExecutionContext,
     claimed: ClaimedBatch,

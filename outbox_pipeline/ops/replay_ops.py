@@ -30,6 +30,7 @@ from pydantic import Field
 from outbox_pipeline.errors import OutboxPipelineError, RetriesExhaustedError
 from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
 from outbox_pipeline.retrying import RetryPolicy, call_with_retries
+from outbox_pipeline.run_limits import shared_ops_pool
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import OutboxStore
 
@@ -159,7 +160,10 @@ def partition_day(context: dg.OpExecutionContext) -> dt.date:
         raise dg.Failure(f"partition {context.partition_key!r} is not a day; use YYYY-MM-DD") from None
 
 
-@dg.op(description="Insert the partition's delivered events that ClickHouse is missing, without duplicates.")
+@dg.op(
+    description="Insert the partition's delivered events that ClickHouse is missing, without duplicates.",
+    pool=shared_ops_pool(),
+)
 def replay_outbox_day(
     context: dg.OpExecutionContext,
     config: ReplayConfig,

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import urllib.parse
-from pathlib import Path
+from collections.abc import Callable
 
 import psycopg
 
 from outbox_pipeline.errors import ConfigurationError, SchemaMissingError, StoreUnavailableError
 from outbox_pipeline.settings import RelaySettings
+# Re-exported: the embedded server's URL is one of the ways to the outbox database.
+from outbox_pipeline.stores.embedded_postgres import embedded_postgres_url, running_embedded_postgres_url
 
 _CONNECT_TIMEOUT_SECONDS = 10
 
@@ -52,35 +53,21 @@ def validate_postgres_url(url: str, variable: str = "OUTBOX_DATABASE_URL") -> No
         raise ConfigurationError(f"{variable} has an invalid port; expected postgresql://user:password@host:5432/dbname")
 
 
-def embedded_postgres_url(state_dir: Path, *, delete_on_exit: bool = False) -> str:
-    """Start (or reuse) the embedded PostgreSQL server under ``state_dir`` and return its URL.
-
-    The server stops when the last process of ours that uses it exits.
-    """
-    # Imported lazily: only the embedded mode needs it, and it probes the platform at import.
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from embedded_postgres import get_server
-
-    state_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        server = get_server(state_dir, cleanup_mode="delete" if delete_on_exit else "stop")
-    except Exception as exc:  # the package raises plain subprocess/assertion errors
-        raise StoreUnavailableError(
-            f"could not start the embedded PostgreSQL server in {state_dir} ({type(exc).__name__}: {exc}); "
-            f"see {state_dir / 'log'} or set OUTBOX_DATABASE_URL to use a server of your own"
-        ) from None
-    return server.get_uri("postgres")
-
-
-def resolve_outbox_database_url(settings: RelaySettings) -> str:
+def resolve_outbox_database_url(settings: RelaySettings, *, start_embedded: bool = True) -> str:
+    """OUTBOX_DATABASE_URL, else the embedded server's URL: started if need be, or only if running."""
     if settings.outbox_database_url:
         validate_postgres_url(settings.outbox_database_url)
         return settings.outbox_database_url
-    return embedded_postgres_url(settings.embedded_postgres_dir)
+    data_dir = settings.embedded_postgres_dir
+    if start_embedded:
+        return embedded_postgres_url(data_dir)
+    url = running_embedded_postgres_url(data_dir)
+    if url is None:
+        raise StoreUnavailableError(
+            f"the embedded PostgreSQL server in {data_dir} is not running: "
+            "start it with `outbox-pipeline start` (scripts/dev starts it too)"
+        )
+    return url
 
 
 def translate_postgres_error(exc: BaseException, url: str) -> Exception:
@@ -132,12 +119,15 @@ def connect_postgres(url: str, *, autocommit: bool = True, application_name: str
 
 
 @contextlib.contextmanager
-def postgres_errors_translated(url: str):
-    """Re-raise psycopg errors raised inside the block as our one-line errors."""
+def postgres_errors_translated(url: str | Callable[[], str]):
+    """Re-raise psycopg errors raised inside the block as our one-line errors.
+
+    ``url`` may be a function, called only when an error is raised (once the URL is known).
+    """
     try:
         yield
     except psycopg.Error as exc:
-        translated = translate_postgres_error(exc, url)
+        translated = translate_postgres_error(exc, url() if callable(url) else url)
         if translated is exc:
             raise
         raise translated from exc

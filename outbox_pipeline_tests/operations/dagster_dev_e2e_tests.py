@@ -141,6 +141,27 @@ query Checks($name: String!) {
 }
 """
 
+LAUNCH_RUN = """
+mutation Launch($executionParams: ExecutionParams!) {
+  launchRun(executionParams: $executionParams) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on InvalidSubsetError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}
+"""
+
+RUN_QUERY = """
+query Run($runId: ID!) {
+  runOrError(runId: $runId) {
+    __typename
+    ... on Run { runId status tags { key value } }
+  }
+}
+"""
+
 TERMINAL_RUN_STATUSES = {"SUCCESS", "FAILURE", "CANCELED"}
 
 
@@ -258,7 +279,7 @@ def stop_stack(process: subprocess.Popen, state_dir: Path) -> None:
             os.kill(pid, signal.SIGKILL)
     postgres = embedded_postgres_pid(state_dir)
     if postgres:
-        # The last process using the embedded server normally stops it; a killed one cannot.
+        # The embedded server runs until it is stopped (`outbox-pipeline stop`); this one is the test's own.
         with contextlib.suppress(ProcessLookupError):
             os.kill(postgres, signal.SIGQUIT)  # immediate shutdown: the data is thrown away anyway
         deadline = time.monotonic() + 15
@@ -421,3 +442,63 @@ def test_dagster_dev_sensor_relays_events_and_a_backfill_replays_two_days(dagste
         f"{len(relay_runs)} sensor runs in {relayed_at - loaded_at:.1f} s; backfill of 2 days in "
         f"{backfilled_at - relayed_at:.1f} s; checks in {finished - backfilled_at:.1f} s; test body {finished - started:.1f} s"
     )
+
+
+def launch_run(stack: Stack, selector: dict, run_config: dict | None = None) -> str:
+    params = {
+        "mode": "default",
+        "executionMetadata": {},
+        "runConfigData": json.dumps(run_config or {}),
+        "selector": {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, **selector},
+    }
+    launched = stack.graphql(LAUNCH_RUN, executionParams=params)["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    return launched["run"]["runId"]
+
+
+def run_of(stack: Stack, run_id: str) -> dict:
+    run = stack.graphql(RUN_QUERY, runId=run_id)["runOrError"]
+    assert run["__typename"] == "Run", run
+    return run
+
+
+def test_execute_checks_from_the_asset_page_queues_behind_a_run_holding_the_embedded_clickhouse(dagster_dev: Stack):
+    stack = dagster_dev
+    stack.wait_for("the code location to load", lambda: location_loaded(stack), timeout=120)
+
+    # A low-latency relay run holds the embedded ClickHouse directory for its whole duration.
+    relay_run = launch_run(stack, {"jobName": "relay_low_latency"}, {"ops": {"relay_continuously": {"config": {"max_seconds": 25}}}})
+    stack.wait_for("the relay run to start", lambda: run_of(stack, relay_run)["status"] in ({"STARTED"} | TERMINAL_RUN_STATUSES))
+    assert run_of(stack, relay_run)["status"] == "STARTED"
+
+    # *Execute checks* on the asset page: the job that all the asset's checks share, as the UI picks it.
+    checks = stack.graphql(ASSET_QUERY)["assetOrError"]["definition"]["assetChecksOrError"]["checks"]
+    shared_jobs = [name for name in checks[0]["jobNames"] if all(name in check["jobNames"] for check in checks)]
+    assert shared_jobs[0] == "__ASSET_JOB"  # a job Dagster builds itself: it carries none of our tags
+    check_run = launch_run(
+        stack,
+        {
+            "jobName": shared_jobs[0],
+            "assetSelection": [],
+            "assetCheckSelection": [{"assetKey": {"path": ["event_log"]}, "name": check["name"]} for check in checks],
+        },
+    )
+    assert "outbox_pipeline/embedded_clickhouse" not in {tag["key"] for tag in run_of(stack, check_run)["tags"]}
+
+    # The run queue holds the check run back while the relay run holds ClickHouse...
+    observed_queued = 0
+    while run_of(stack, relay_run)["status"] == "STARTED":
+        status = run_of(stack, check_run)["status"]
+        assert status == "QUEUED", f"the check run was launched ({status}) while the relay run held ClickHouse"
+        observed_queued += 1
+        time.sleep(1)
+    assert observed_queued >= 5  # several passes of the run queue
+    assert run_of(stack, relay_run)["status"] == "SUCCESS"
+
+    # ...and launches it once ClickHouse is free.
+    stack.wait_for("the check run", lambda: run_of(stack, check_run)["status"] in TERMINAL_RUN_STATUSES)
+    assert run_of(stack, check_run)["status"] == "SUCCESS"
+    for check in checks:
+        executions = stack.graphql(CHECK_EXECUTIONS, name=check["name"])["assetCheckExecutions"]
+        [ours] = [execution for execution in executions if execution["runId"] == check_run]
+        assert ours["status"] == "SUCCEEDED", ours

@@ -98,6 +98,9 @@ def test_production_storage_block_starts_an_instance_on_postgresql(tmp_path, mon
         assert queue.max_concurrent_runs == settings["concurrency"]["runs"]["max_concurrent_runs"]
         limits = {limit["key"]: limit["limit"] for limit in queue.tag_concurrency_limits}
         assert limits == {"outbox_pipeline/embedded_clickhouse": 1, "outbox_pipeline/relay": 4, "dagster/backfill": 2}
+        # Pools are enforced when the queue launches a run, so a run that needs the chDB pool waits for it.
+        pools = instance.get_concurrency_config().pool_config
+        assert (pools.pool_granularity.value, pools.default_pool_limit) == ("run", 1)
         assert (instance.run_retries_enabled, instance.run_retries_max_retries) == (True, 2)
         assert instance.run_retries_retry_on_asset_or_op_failure is False  # the relay retries inside its ops
         assert instance.run_monitoring_enabled

@@ -1,0 +1,104 @@
+"""scripts/dev run as a developer runs it: a quiet start, and stopping it stops everything it started.
+
+The script runs for real (demo producer, `dagster dev` with its webserver, daemon, code
+server and run workers, the embedded PostgreSQL and chDB) on state directories of the
+test's own, with the test's Python environment (OUTBOX_DEV_VENV) so nothing is installed.
+"""
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+
+from outbox_pipeline_tests.operations.dagster_dev_e2e_tests import (
+    REPO_ROOT,
+    Stack,
+    default_signal_handling,
+    embedded_postgres_pid,
+    free_port,
+    location_loaded,
+    processes_started_for,
+    stack_environment,
+    stop_stack,
+)
+
+# Dagster's warning when DAGSTER_HOME is set and another folder's dagster.yaml is in the working directory.
+UNUSED_DAGSTER_YAML_WARNING = "will not be used to configure Dagster"
+
+
+@pytest.fixture
+def dev_dirs():
+    # Not under pytest's temporary root (mode 0700): the embedded PostgreSQL runs as its own system user.
+    state_dir = Path(tempfile.mkdtemp(prefix="outbox-dev-state-"))
+    state_dir.chmod(0o755)
+    home = Path(tempfile.mkdtemp(prefix="outbox-dev-home-"))
+    yield state_dir, home
+    shutil.rmtree(state_dir, ignore_errors=True)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def describe(pids: list[int]) -> list[str]:
+    described = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            described.append(f"{pid}: {' '.join(psutil.Process(pid).cmdline())[:200]}")
+    return described
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stopping_scripts_dev_stops_what_it_started(dev_dirs, stop_signal):
+    state_dir, home = dev_dirs
+    env = {
+        **stack_environment(state_dir, home),
+        "OUTBOX_DEV_VENV": sys.prefix,
+        # The producer is still publishing when the script is stopped.
+        "DEMO_EVENTS": "100000",
+        "DEMO_RATE": "20",
+    }
+    port = free_port()
+    log_path = home.with_name(home.name + ".log")
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [str(REPO_ROOT / "scripts" / "dev"), "-h", "127.0.0.1", "-p", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a terminal gives it
+            preexec_fn=default_signal_handling,
+        )
+    stack = Stack(process, port, env, state_dir, log_path)
+    try:
+        stack.wait_for("the code location to load", lambda: location_loaded(stack), timeout=180)
+        # Events flow: the sensor has launched a relay run through the daemon.
+        stack.wait_for("a relay run launched by the sensor", lambda: stack.runs(pipelineName="process_outbox_events"), timeout=120)
+        postgres = embedded_postgres_pid(state_dir)
+        assert postgres is not None and psutil.pid_exists(postgres)
+        started = processes_started_for(state_dir)
+        assert len(started) >= 5, describe(started)  # the script, the producer, dagster dev and its services, PostgreSQL
+
+        os.killpg(process.pid, stop_signal)  # Ctrl-C in a terminal sends SIGINT to the whole group
+        process.wait(timeout=180)
+        output = log_path.read_text(errors="replace")
+
+        problems = []
+        if psutil.pid_exists(postgres) or (state_dir / "postgres" / "postmaster.pid").exists():
+            problems.append(f"the embedded PostgreSQL (pid {postgres}) is still running")
+        if f"stopped the embedded PostgreSQL server in {state_dir / 'postgres'}" not in output:
+            problems.append("scripts/dev did not say it stopped the embedded PostgreSQL")
+        leftovers = [pid for pid in processes_started_for(state_dir) if pid != postgres]
+        if leftovers:
+            problems.append(f"processes left running: {describe(leftovers)}")
+        if UNUSED_DAGSTER_YAML_WARNING in output:
+            problems.append("Dagster warned that dagster.yaml is not used")
+        assert problems == [], output[-4000:]
+    finally:
+        stop_stack(process, state_dir)  # only if something above failed: kills what is left, by pid
+        print(f"\n--- scripts/dev output (tail) ---\n{stack.log_tail(3000)}")
+        log_path.unlink(missing_ok=True)
