@@ -29,7 +29,7 @@ from pydantic import Field
 
 from outbox_pipeline.errors import OutboxPipelineError, RetriesExhaustedError
 from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
-from outbox_pipeline.retrying import RetryPolicy, call_with_retries
+from outbox_pipeline.retrying import BackoffPolicy, call_postgres_with_retries, call_with_retries
 from outbox_pipeline.settings import RelaySettings
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import OutboxStore
@@ -93,7 +93,7 @@ def replay_day(
     day: dt.date,
     *,
     chunk_size: int,
-    retry: RetryPolicy = RetryPolicy(),
+    retry: BackoffPolicy = BackoffPolicy(),
     log: Callable[[str], None] = lambda message: None,
 ) -> ReplayReport:
     """Insert the day's delivered events that ClickHouse is missing; see the module docstring."""
@@ -101,7 +101,7 @@ def replay_day(
     report = ReplayReport(day)
 
     def postgres(what: str, fn):
-        return call_with_retries(f"{what} in PostgreSQL", fn, retry, before_retry=lambda exc: outbox.reconnect())
+        return call_postgres_with_retries(outbox, what, fn, retry)
 
     def clickhouse(what: str, fn):
         return call_with_retries(f"{what} in ClickHouse", fn, retry)
@@ -174,7 +174,7 @@ def replay_outbox_day(
         check_within_retention(day, settings.retention_days, dt.datetime.now(dt.timezone.utc))
     except ReplayOutsideRetentionError as exc:
         raise dg.Failure(str(exc), metadata={"day": day.isoformat(), "retention_days": settings.retention_days}) from None
-    retry = RetryPolicy(settings.transient_retry_attempts, settings.transient_retry_base_seconds)
+    retry = BackoffPolicy(settings.transient_retry_attempts, settings.transient_retry_base_seconds)
     try:
         report = replay_day(
             outbox.store(), clickhouse.store(), day, chunk_size=config.chunk_size, retry=retry, log=context.log.info
