@@ -14,7 +14,7 @@ from pydantic import Field
 
 from outbox_pipeline.settings import parse_number
 from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
-from outbox_pipeline.stores.event_log_store import TABLE
+from outbox_pipeline.stores.event_log_store import DEFAULT_TABLE
 
 
 MAX_LAG_SECONDS = parse_number(
@@ -22,7 +22,7 @@ MAX_LAG_SECONDS = parse_number(
 )
 
 event_log = dg.AssetSpec(
-    key=TABLE,
+    key=DEFAULT_TABLE,
     description=(
         "Domain events in ClickHouse, one row per event_id, loaded from the PostgreSQL outbox by "
         "process_outbox_events (materialized by its report_relay_run op) and by replay_outbox_events."
