@@ -55,7 +55,7 @@ def overlapping_range_batches(database_url: str) -> int:
         return conn.execute(
             """
             SELECT count(*) FROM outbox_batch a JOIN outbox_batch b ON a.id < b.id
-            WHERE a.kind = 'range' AND b.kind = 'range'
+            WHERE a.kind = 'range' AND b.kind = 'range' AND a.relay = b.relay
               AND (a.first_txid, a.first_id) <= (b.last_txid, b.last_id)
               AND (b.first_txid, b.first_id) <= (a.last_txid, a.last_id)
             """
