@@ -34,8 +34,8 @@ from pathlib import Path
 
 import psycopg
 
-from outbox_pipeline.stores.clickhouse_connection import clickhouse_client, describe_clickhouse_url
 from outbox_pipeline.event_columns import EVENT_COLUMNS
+from outbox_pipeline.stores.clickhouse_connection import clickhouse_client, describe_clickhouse_url
 from outbox_pipeline.stores.event_log_store import create_table_sql
 from outbox_pipeline.stores.outbox_store import OutboxStore
 from outbox_pipeline.stores.postgres_connection import describe_postgres_url, embedded_postgres_url

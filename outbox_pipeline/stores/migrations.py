@@ -37,7 +37,8 @@ def migration_files() -> list[tuple[int, str, str]]:
             found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
     found.sort()
     if [version for version, _, _ in found] != list(range(1, len(found) + 1)):
-        raise RuntimeError(f"outbox_pipeline/sql holds migrations {[name for _, name, _ in found]}: versions must run 1, 2, 3, … without gaps")
+        names = [name for _, name, _ in found]
+        raise RuntimeError(f"outbox_pipeline/sql holds migrations {names}: versions must run 1, 2, 3, … without gaps")
     return found
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
 from outbox_pipeline.errors import ConfigurationError
@@ -16,7 +18,9 @@ def tables(event_log: EventLogStore) -> set[tuple[str, str]]:
     return {(database, name) for database, name in rows}
 
 
-@pytest.mark.parametrize("table, database, name", [("orders_event_log", "default", "orders_event_log"), ("analytics.event_log", "analytics", "event_log")])
+@pytest.mark.parametrize(
+    "table, database, name", [("orders_event_log", "default", "orders_event_log"), ("analytics.event_log", "analytics", "event_log")]
+)
 def test_every_statement_uses_the_configured_table(clickhouse_url, table, database, name):
     event_log = EventLogStore.connect(clickhouse_url, table=table)
     try:
@@ -29,8 +33,6 @@ def test_every_statement_uses_the_configured_table(clickhouse_url, table, databa
         event_log.insert_csv(CSV_ROW, deduplication_token="t1")
         assert event_log.counts() == (1, 1)
         assert [row["event_type"] for row in event_log.rows_for(["5f0e8c1e-6a43-4c59-9a55-8f8d3c1b2a10"])] == ["order_paid"]
-        import datetime as dt
-
         assert event_log.present_event_ids(dt.date(2026, 11, 29), ["5f0e8c1e-6a43-4c59-9a55-8f8d3c1b2a10"]) == {
             "5f0e8c1e-6a43-4c59-9a55-8f8d3c1b2a10"
         }
@@ -45,7 +47,8 @@ def test_the_default_table_is_event_log_with_the_shared_columns(clickhouse_url):
     event_log = EventLogStore.connect(clickhouse_url)
     try:
         event_log.migrate()
-        columns = [row[0] for row in event_log.client.query("SELECT name FROM system.columns WHERE table = 'event_log' ORDER BY position").result_rows]
+        query = "SELECT name FROM system.columns WHERE table = 'event_log' ORDER BY position"
+        columns = [row[0] for row in event_log.client.query(query).result_rows]
         assert tuple(columns[: len(EVENT_COLUMNS)]) == EVENT_COLUMNS
     finally:
         event_log.close()
