@@ -34,9 +34,10 @@ from pathlib import Path
 
 import psycopg
 
+from outbox_pipeline.event_columns import EVENT_COLUMNS
 from outbox_pipeline.stores.clickhouse_connection import clickhouse_client, describe_clickhouse_url
-from outbox_pipeline.stores.event_log_store import MIGRATION as EVENT_LOG_MIGRATION
-from outbox_pipeline.stores.outbox_store import EVENT_COLUMNS, OutboxStore
+from outbox_pipeline.stores.event_log_store import create_table_sql
+from outbox_pipeline.stores.outbox_store import OutboxStore
 from outbox_pipeline.stores.postgres_connection import describe_postgres_url, embedded_postgres_url
 
 NAIVE_SAMPLE = 10_000
@@ -59,7 +60,8 @@ FROM generate_series(1, %s) AS n
 def reset_stores(database_url: str, clickhouse_url: str) -> None:
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(
-            "DROP TABLE IF EXISTS outbox, outbox_batch, outbox_failure, outbox_relay_cursor, outbox_schema_version, outbox_naive CASCADE"
+            "DROP TABLE IF EXISTS outbox, outbox_batch, outbox_failure, outbox_relay_cursor, outbox_installation, "
+            "outbox_schema_version, outbox_naive CASCADE"
         )
     store = OutboxStore.connect(database_url)
     store.migrate()
@@ -67,7 +69,7 @@ def reset_stores(database_url: str, clickhouse_url: str) -> None:
     with clickhouse_client(clickhouse_url, busy_wait_seconds=30) as client:
         for table in ("event_log", "event_log_limit", "event_log_naive"):
             client.command(f"DROP TABLE IF EXISTS {table}")
-            client.command(EVENT_LOG_MIGRATION.replace("IF NOT EXISTS event_log", f"IF NOT EXISTS {table}"))
+            client.command(create_table_sql(table))
 
 
 def load_backlog(database_url: str, events: int) -> float:

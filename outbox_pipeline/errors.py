@@ -19,6 +19,10 @@ class SchemaMissingError(OutboxPipelineError):
     """The tables do not exist yet: ``outbox-pipeline init`` creates them."""
 
 
+class SchemaOutdatedError(SchemaMissingError):
+    """The tables are at another schema version than this release needs: ``outbox-pipeline init`` upgrades them."""
+
+
 class StoreBusyError(OutboxPipelineError):
     """The embedded ClickHouse directory is held by another process."""
 

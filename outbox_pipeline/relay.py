@@ -28,7 +28,7 @@ from collections.abc import Callable
 from outbox_pipeline.errors import OutboxPipelineError
 from outbox_pipeline.memory import return_large_buffers_to_the_system
 from outbox_pipeline.prefetch import BatchPrefetcher
-from outbox_pipeline.retrying import RetryCallback, RetryNotice, RetryPolicy, call_with_retries
+from outbox_pipeline.retrying import BackoffPolicy, RetryCallback, RetryNotice, call_postgres_with_retries, call_with_retries
 from outbox_pipeline.settings import RelaySettings
 from outbox_pipeline.stores.clickhouse_connection import ErrorKind, classify_clickhouse_error
 from outbox_pipeline.stores.event_log_store import EventLogStore
@@ -46,7 +46,7 @@ class RelayPolicy:
     max_event_attempts: int = 5
     event_retry_base_seconds: float = 30.0
     max_rejected_per_batch: int = 100
-    retry: RetryPolicy = RetryPolicy()
+    retry: BackoffPolicy = BackoffPolicy()
 
     @classmethod
     def from_settings(cls, settings: RelaySettings, **overrides) -> "RelayPolicy":
@@ -55,7 +55,7 @@ class RelayPolicy:
             lease_seconds=settings.lease_seconds,
             max_event_attempts=settings.max_event_attempts,
             event_retry_base_seconds=settings.event_retry_base_seconds,
-            retry=RetryPolicy(settings.transient_retry_attempts, settings.transient_retry_base_seconds),
+            retry=BackoffPolicy(settings.transient_retry_attempts, settings.transient_retry_base_seconds),
         )
         values.update(overrides)
         return cls(**values)
@@ -228,10 +228,10 @@ class Relay:
         self._with_retries("inserting into ClickHouse", lambda: self.event_log.insert_csv(csv_block, deduplication_token=token))
 
     def _postgres(self, what: str, fn):
-        return self._with_retries(f"{what} in PostgreSQL", fn, before_retry=lambda exc: self.outbox.reconnect())
+        return call_postgres_with_retries(self.outbox, what, fn, self.policy.retry, on_retry=self._count_retry)
 
-    def _with_retries(self, what: str, fn, before_retry=None):
-        return call_with_retries(what, fn, self.policy.retry, on_retry=self._count_retry, before_retry=before_retry)
+    def _with_retries(self, what: str, fn):
+        return call_with_retries(what, fn, self.policy.retry, on_retry=self._count_retry)
 
     def _count_retry(self, notice: RetryNotice) -> None:
         self.retries += 1

@@ -10,21 +10,18 @@ asset, …). Every other relay comes from an ``OutboxRelay`` component in a
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import dagster as dg
 
 from outbox_pipeline.errors import ConfigurationError
 from outbox_pipeline.settings import RelaySettings
+from outbox_pipeline.stores.event_log_store import DEFAULT_TABLE, quoted_table_name
+from outbox_pipeline.stores.relay_identity import DEFAULT_RELAY_NAME, RelayIdentity
 
-DEFAULT_RELAY = "default"
-DEFAULT_TABLE = "event_log"
+DEFAULT_RELAY = DEFAULT_RELAY_NAME
 # Which relay of the code location a run belongs to.
 RELAY_NAME_TAG = "outbox_pipeline/relay_name"
 
-_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
-_TABLE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*\.)?[A-Za-z_][A-Za-z0-9_]*$")
-_EVENT_TYPE_PATTERN = re.compile(r"^[A-Za-z0-9_.:*?\-]+$")
 
 
 def definition_name(base: str, relay_name: str) -> str:
@@ -50,17 +47,17 @@ class RelayInstance:
     event_types: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
-            raise ConfigurationError(
-                f"relay name {self.name!r} must be lowercase letters, digits and underscores, starting with a letter (at most 40)"
-            )
-        if not _TABLE.match(self.table):
-            raise ConfigurationError(f"relay {self.name}: table {self.table!r} must be a plain ClickHouse name, as event_log or analytics.event_log")
-        for pattern in self.event_types:
-            if not _EVENT_TYPE_PATTERN.match(pattern):
-                raise ConfigurationError(
-                    f"relay {self.name}: event type pattern {pattern!r} may hold letters, digits, _ . : - and the wildcards * and ?"
-                )
+        # The stores' own rules, checked when the code location loads.
+        identity = RelayIdentity(self.name, tuple(self.event_types))
+        object.__setattr__(self, "event_types", identity.event_types)
+        try:
+            quoted_table_name(self.table)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"relay {self.name}: {exc}") from None
+
+    @property
+    def identity(self) -> RelayIdentity:
+        return RelayIdentity(self.name, self.event_types)
 
     @classmethod
     def from_settings(cls, settings: RelaySettings) -> "RelayInstance":

@@ -15,10 +15,11 @@ from pydantic import Field, PrivateAttr
 
 from outbox_pipeline.prefetch import BatchPrefetcher
 from outbox_pipeline.relay import RelayPolicy
-from outbox_pipeline.retrying import RetryPolicy
+from outbox_pipeline.retrying import BackoffPolicy
 from outbox_pipeline.stores.clickhouse_connection import chdb_path
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import OutboxStore
+from outbox_pipeline.stores.relay_identity import RelayIdentity
 from outbox_pipeline.stores.postgres_connection import embedded_postgres_url, validate_postgres_url
 
 
@@ -53,8 +54,8 @@ class OutboxDatabaseResource(dg.ConfigurableResource):
         return self.url or f"embedded PostgreSQL in {self.state_dir}"
 
     @property
-    def retry(self) -> RetryPolicy:
-        return RetryPolicy(self.retry_attempts, self.retry_base_seconds)
+    def retry(self) -> BackoffPolicy:
+        return BackoffPolicy(self.retry_attempts, self.retry_base_seconds)
 
     def policy(self, batch_size: int | None = None) -> RelayPolicy:
         return RelayPolicy(
@@ -65,10 +66,14 @@ class OutboxDatabaseResource(dg.ConfigurableResource):
             retry=self.retry,
         )
 
+    @property
+    def relay(self) -> RelayIdentity:
+        return RelayIdentity(name=self.relay_name, event_types=tuple(self.event_types))
+
     def store(self) -> OutboxStore:
         """The run's connection, opened on first use."""
         if self._store is None:
-            self._store = OutboxStore.connect(self.resolved_url())
+            self._store = OutboxStore.connect(self.resolved_url(), relay=self.relay)
         return self._store
 
     def prefetcher(self) -> BatchPrefetcher:
@@ -80,7 +85,7 @@ class OutboxDatabaseResource(dg.ConfigurableResource):
     @contextlib.contextmanager
     def short_lived_store(self) -> Iterator[OutboxStore]:
         """A connection for one sensor tick or command, closed afterwards."""
-        store = OutboxStore.connect(self.resolved_url())
+        store = OutboxStore.connect(self.resolved_url(), relay=self.relay)
         try:
             yield store
         finally:
@@ -116,7 +121,7 @@ class ClickHouseResource(dg.ConfigurableResource):
 
     def store(self) -> EventLogStore:
         if self._store is None:
-            self._store = EventLogStore.connect(self.url, busy_wait_seconds=self.busy_wait_seconds)
+            self._store = EventLogStore.connect(self.url, table=self.table, busy_wait_seconds=self.busy_wait_seconds)
         return self._store
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:

@@ -6,7 +6,7 @@ import dataclasses
 import random
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import psycopg
 
@@ -40,7 +40,9 @@ RetryCallback = Callable[[RetryNotice], None]
 
 
 @dataclasses.dataclass(frozen=True)
-class RetryPolicy:
+class BackoffPolicy:
+    """How often and how patiently a transient failure is retried (not Dagster's op ``RetryPolicy``)."""
+
     attempts: int = 5
     base_seconds: float = 0.5
 
@@ -74,7 +76,7 @@ def is_transient(exc: BaseException) -> bool:
 def call_with_retries(
     what: str,
     fn: Callable[[], T],
-    policy: RetryPolicy,
+    policy: BackoffPolicy,
     *,
     on_retry: RetryCallback | None = None,
     before_retry: Callable[[BaseException], None] | None = None,
@@ -108,3 +110,23 @@ def call_with_retries(
                 except Exception:  # the next attempt reports the state of the store
                     pass
             attempt += 1
+
+
+class Reconnectable(Protocol):
+    def reconnect(self) -> None: ...
+
+
+def call_postgres_with_retries(
+    store: Reconnectable,
+    what: str,
+    fn: Callable[[], T],
+    policy: BackoffPolicy,
+    *,
+    on_retry: RetryCallback | None = None,
+) -> T:
+    """``call_with_retries`` for a call on ``store``'s PostgreSQL connection, reconnecting between attempts.
+
+    A dropped connection (server restart, network reset) cannot be used again, so
+    each retry runs on a fresh one.
+    """
+    return call_with_retries(f"{what} in PostgreSQL", fn, policy, on_retry=on_retry, before_retry=lambda exc: store.reconnect())

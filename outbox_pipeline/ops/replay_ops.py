@@ -29,7 +29,7 @@ from pydantic import Field
 
 from outbox_pipeline.errors import OutboxPipelineError, RetriesExhaustedError
 from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
-from outbox_pipeline.retrying import RetryPolicy, call_with_retries
+from outbox_pipeline.retrying import BackoffPolicy, call_postgres_with_retries, call_with_retries
 from outbox_pipeline.run_limits import shared_ops_pool
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import OutboxStore
@@ -92,7 +92,7 @@ def replay_day(
     day: dt.date,
     *,
     chunk_size: int,
-    retry: RetryPolicy = RetryPolicy(),
+    retry: BackoffPolicy = BackoffPolicy(),
     log: Callable[[str], None] = lambda message: None,
 ) -> ReplayReport:
     """Insert the day's delivered events that ClickHouse is missing; see the module docstring."""
@@ -100,7 +100,7 @@ def replay_day(
     report = ReplayReport(day)
 
     def postgres(what: str, fn):
-        return call_with_retries(f"{what} in PostgreSQL", fn, retry, before_retry=lambda exc: outbox.reconnect())
+        return call_postgres_with_retries(outbox, what, fn, retry)
 
     def clickhouse(what: str, fn):
         return call_with_retries(f"{what} in ClickHouse", fn, retry)

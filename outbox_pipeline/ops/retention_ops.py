@@ -14,7 +14,7 @@ from collections.abc import Callable
 import dagster as dg
 
 from outbox_pipeline.resources import OutboxDatabaseResource
-from outbox_pipeline.retrying import RetryPolicy, call_with_retries
+from outbox_pipeline.retrying import BackoffPolicy, call_postgres_with_retries
 from outbox_pipeline.run_config import CleanupConfig
 from outbox_pipeline.stores.outbox_store import OutboxStore
 
@@ -46,14 +46,14 @@ def clean_outbox(
     retention_days: int,
     chunk_size: int,
     now: dt.datetime,
-    retry: RetryPolicy = RetryPolicy(),
+    retry: BackoffPolicy = BackoffPolicy(),
     log: Callable[[str], None] = lambda message: None,
 ) -> CleanupReport:
     started = time.perf_counter()
     report = CleanupReport(cutoff=now - dt.timedelta(days=retention_days))
 
     def postgres(what: str, fn):
-        return call_with_retries(f"{what} in PostgreSQL", fn, retry, before_retry=lambda exc: outbox.reconnect())
+        return call_postgres_with_retries(outbox, what, fn, retry)
 
     def events_chunk() -> int:
         deleted = postgres("deleting processed events", lambda: outbox.delete_processed_before(report.cutoff, chunk_size=chunk_size))

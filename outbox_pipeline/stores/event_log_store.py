@@ -1,4 +1,4 @@
-"""Every statement the relay runs against ClickHouse's ``event_log``.
+"""Every statement the relay runs against its ClickHouse table (``event_log`` unless configured).
 
 Engine choices, for time-range queries by event type and deduplication by event_id:
 
@@ -17,16 +17,37 @@ Engine choices, for time-range queries by event type and deduplication by event_
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
 
+from outbox_pipeline.errors import ConfigurationError
+from outbox_pipeline.event_columns import EVENT_COLUMNS
 from outbox_pipeline.stores.clickhouse_connection import close_clickhouse_client, open_clickhouse_client
-from outbox_pipeline.stores.outbox_store import EVENT_COLUMNS
 
-TABLE = "event_log"
+DEFAULT_TABLE = "event_log"
 DEDUPLICATION_WINDOW = 10_000
+_IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
+_TABLE_NAME = re.compile(rf"({_IDENTIFIER})(?:\.({_IDENTIFIER}))?")
 
-MIGRATION = f"""
-CREATE TABLE IF NOT EXISTS {TABLE}
+
+def quoted_table_name(table: str) -> str:
+    """``table`` or ``database.table`` as a quoted ClickHouse identifier; anything else is refused.
+
+    Only plain identifiers are accepted, so the name can never carry SQL, and the
+    backquotes keep names that happen to be keywords working.
+    """
+    match = _TABLE_NAME.fullmatch(table) if isinstance(table, str) else None
+    if match is None:
+        raise ConfigurationError(
+            f"ClickHouse table name {table!r} is not valid: use letters, digits and underscores "
+            "(not starting with a digit), optionally as database.table"
+        )
+    return ".".join(f"`{part}`" for part in match.groups() if part is not None)
+
+
+def create_table_sql(table: str = DEFAULT_TABLE) -> str:
+    return f"""
+CREATE TABLE IF NOT EXISTS {quoted_table_name(table)}
 (
     event_id          UUID,
     event_type        LowCardinality(String),
@@ -44,6 +65,7 @@ ORDER BY (event_type, event_date_time, event_id)
 SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}
 """
 
+
 # The outbox hands over CSV from PostgreSQL's COPY: timestamps as "2026-11-29 10:00:00.123456+00".
 _CSV_INSERT_SETTINGS = {
     "date_time_input_format": "best_effort",
@@ -55,13 +77,16 @@ _CSV_INSERT_SETTINGS = {
 
 
 class EventLogStore:
-    def __init__(self, client, url: str | None = None):
+    def __init__(self, client, url: str | None = None, *, table: str = DEFAULT_TABLE):
         self.client = client
         self.url = url
+        self.table = table
+        self._table_sql = quoted_table_name(table)
 
     @classmethod
-    def connect(cls, url: str, *, busy_wait_seconds: float = 0.0) -> "EventLogStore":
-        return cls(open_clickhouse_client(url, busy_wait_seconds=busy_wait_seconds), url)
+    def connect(cls, url: str, *, table: str = DEFAULT_TABLE, busy_wait_seconds: float = 0.0) -> "EventLogStore":
+        quoted_table_name(table)  # a bad name fails before anything is opened
+        return cls(open_clickhouse_client(url, busy_wait_seconds=busy_wait_seconds), url, table=table)
 
     def close(self) -> None:
         if self.url is not None:
@@ -70,14 +95,14 @@ class EventLogStore:
             self.client.close()
 
     def migrate(self) -> None:
-        self.client.command(MIGRATION)
+        self.client.command(create_table_sql(self.table))
 
     def insert_csv(self, csv_block: bytes, *, deduplication_token: str) -> None:
         """Insert rows in EVENT_COLUMNS order; a retry with the same token and rows inserts nothing."""
         if not csv_block:
             return
         self.client.raw_insert(
-            TABLE,
+            self._table_sql,
             list(EVENT_COLUMNS),
             csv_block,
             fmt="CSV",
@@ -86,17 +111,17 @@ class EventLogStore:
 
     def counts(self) -> tuple[int, int]:
         """(rows, distinct event_ids), both with a plain read: no FINAL."""
-        rows, distinct = self.client.query(f"SELECT count(), uniqExact(event_id) FROM {TABLE}").result_rows[0]
+        rows, distinct = self.client.query(f"SELECT count(), uniqExact(event_id) FROM {self._table_sql}").result_rows[0]
         return int(rows), int(distinct)
 
     def present_event_ids(self, day: dt.date, event_ids: list[str]) -> set[str]:
-        """Which of these event_ids of one UTC day are in event_log."""
+        """Which of these event_ids of one UTC day are in the table."""
         if not event_ids:
             return set()
         # The ids go in the query body, not in URL parameters: thousands of them would pass URL limits.
         id_list = ",".join(f"'{uuid.UUID(event_id)}'" for event_id in event_ids)
         result = self.client.query(
-            f"SELECT DISTINCT toString(event_id) FROM {TABLE} "
+            f"SELECT DISTINCT toString(event_id) FROM {self._table_sql} "
             "WHERE event_date_time >= toDateTime64({start:String}, 6, 'UTC') "
             "AND event_date_time < toDateTime64({end:String}, 6, 'UTC') "
             f"AND event_id IN ({id_list})",
@@ -107,11 +132,10 @@ class EventLogStore:
     def rows_for(self, event_ids: list[str]) -> list[dict]:
         result = self.client.query(
             f"SELECT toString(event_id), event_type, event_date_time, environment, event_context, metadata_version "
-            f"FROM {TABLE} WHERE event_id IN {{ids:Array(UUID)}}",
+            f"FROM {self._table_sql} WHERE event_id IN {{ids:Array(UUID)}}",
             parameters={"ids": event_ids},
         )
-        keys = ("event_id", "event_type", "event_date_time", "environment", "event_context", "metadata_version")
-        return [dict(zip(keys, row)) for row in result.result_rows]
+        return [dict(zip(EVENT_COLUMNS, row)) for row in result.result_rows]
 
     def truncate(self) -> None:
-        self.client.command(f"TRUNCATE TABLE IF EXISTS {TABLE}")
+        self.client.command(f"TRUNCATE TABLE IF EXISTS {self._table_sql}")

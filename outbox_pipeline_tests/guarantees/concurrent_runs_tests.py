@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from outbox_pipeline.relay import Relay, RelayPolicy
-from outbox_pipeline.retrying import RetryPolicy
+from outbox_pipeline.retrying import BackoffPolicy
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import OutboxStore
 from outbox_pipeline_tests.conftest import relay_environment
@@ -55,7 +55,7 @@ def overlapping_range_batches(database_url: str) -> int:
         return conn.execute(
             """
             SELECT count(*) FROM outbox_batch a JOIN outbox_batch b ON a.id < b.id
-            WHERE a.kind = 'range' AND b.kind = 'range'
+            WHERE a.kind = 'range' AND b.kind = 'range' AND a.relay = b.relay
               AND (a.first_txid, a.first_id) <= (b.last_txid, b.last_id)
               AND (b.first_txid, b.first_id) <= (a.last_txid, a.last_id)
             """
@@ -116,7 +116,7 @@ def wait_until(condition, timeout: float = 30) -> None:
 def test_a_zombie_run_still_inserting_after_its_lease_expired_and_the_run_that_took_over_leave_one_copy(shared_clickhouse_env):
     env = shared_clickhouse_env
     publish_raw(env["OUTBOX_DATABASE_URL"], 1_000)
-    policy = RelayPolicy(batch_size=1_000, lease_seconds=0.5, retry=RetryPolicy(attempts=3, base_seconds=0.01))
+    policy = RelayPolicy(batch_size=1_000, lease_seconds=0.5, retry=BackoffPolicy(attempts=3, base_seconds=0.01))
     stores = [(OutboxStore.connect(env["OUTBOX_DATABASE_URL"]), EventLogStore.connect(env["CLICKHOUSE_URL"])) for _ in range(2)]
     zombie, successor = (Relay(outbox, event_log, policy, claimed_by=name) for (outbox, event_log), name in zip(stores, ("zombie", "successor")))
     watcher = OutboxStore.connect(env["OUTBOX_DATABASE_URL"])

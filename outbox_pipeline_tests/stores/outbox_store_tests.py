@@ -37,7 +37,7 @@ def test_finding_pending_work_reads_only_the_index_tail_beside_a_million_process
         """
         EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)
         SELECT txid, id FROM outbox
-        WHERE (txid, id) > (SELECT claimed_txid, claimed_id FROM outbox_relay_cursor)
+        WHERE (txid, id) > (SELECT claimed_txid, claimed_id FROM outbox_relay_cursor WHERE relay = 'default')
           AND txid < pg_snapshot_xmin(pg_current_snapshot())
         ORDER BY txid, id LIMIT 1000
         """
@@ -98,7 +98,9 @@ def test_deduplication_tokens_differ_between_outbox_installations(relay_env, out
     publish_raw(relay_env["OUTBOX_DATABASE_URL"], 1)
     handle = outbox.claim_next_batch(claimed_by="t", batch_size=10, lease_seconds=60)
     with psycopg.connect(relay_env["OUTBOX_DATABASE_URL"], autocommit=True) as conn:
-        conn.execute("DROP TABLE outbox, outbox_batch, outbox_failure, outbox_relay_cursor CASCADE")
+        conn.execute(
+            "DROP TABLE outbox, outbox_batch, outbox_failure, outbox_relay_cursor, outbox_installation, outbox_schema_version CASCADE"
+        )
     fresh = OutboxStore.connect(relay_env["OUTBOX_DATABASE_URL"])
     fresh.migrate()
     publish_raw(relay_env["OUTBOX_DATABASE_URL"], 1)

@@ -14,6 +14,9 @@ insert, after the mark's transaction committed. Nothing is flushed, released or
 cleaned up, as when the OOM killer or a lost pod ends a run. Production code has
 no hooks for this: the wrapping happens in this process only.
 
+``--relay NAME --event-types 'order_*,refund' --table orders_event_log`` makes the
+``drain`` runner a relay of its own, with its own bookkeeping, into its own table.
+
 ``--until-file`` repeats runs until that file exists and a run then finds no
 work (a relay that keeps polling while producers publish).
 
@@ -112,14 +115,16 @@ def run_job_once(instance, batch_size: int | None, max_batches: int | None) -> d
 
 
 class DrainRunner:
-    def __init__(self, batch_size: int | None, max_batches: int | None):
+    def __init__(self, batch_size: int | None, max_batches: int | None, relay: str, event_types: str, table: str):
         from outbox_pipeline.relay import Relay, RelayPolicy
         from outbox_pipeline.settings import RelaySettings
+        from outbox_pipeline.stores.relay_identity import RelayIdentity
 
         settings = RelaySettings.from_env()
         policy = RelayPolicy.from_settings(settings, **({"batch_size": batch_size} if batch_size else {}))
-        self.outbox = OutboxStore.connect(settings.outbox_database_url)
-        self.event_log = EventLogStore.connect(settings.clickhouse_url, busy_wait_seconds=30)
+        identity = RelayIdentity(relay, tuple(p for p in event_types.split(",") if p))
+        self.outbox = OutboxStore.connect(settings.outbox_database_url, relay=identity)
+        self.event_log = EventLogStore.connect(settings.clickhouse_url, table=table, busy_wait_seconds=30)
         self.relay = Relay(self.outbox, self.event_log, policy, claimed_by=f"worker:{socket.gethostname()}:{os.getpid()}")
         self.max_batches = max_batches
 
@@ -143,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--max-batches", type=int, default=None)
     parser.add_argument("--until-file", type=Path, default=None)
+    parser.add_argument("--relay", default="default", help="drain runner: the relay's name")
+    parser.add_argument("--event-types", default="", help="drain runner: comma-separated event type patterns")
+    parser.add_argument("--table", default="event_log", help="drain runner: the ClickHouse table")
     args = parser.parse_args(argv)
 
     if args.kill_after:
@@ -154,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         run_once = lambda: run_job_once(instance, args.batch_size, args.max_batches)  # noqa: E731
         close = lambda: None  # noqa: E731
     else:
-        runner = DrainRunner(args.batch_size, args.max_batches)
+        runner = DrainRunner(args.batch_size, args.max_batches, args.relay, args.event_types, args.table)
         run_once, close = runner.run_once, runner.close
     print("READY", flush=True)
 

@@ -1,0 +1,198 @@
+"""Upgrading a database created by the first release (schema version 1) in place.
+
+The old database is built and used by the frozen store of that release
+(release_v1_outbox_store.py) with the real relay loop and real chDB, so it holds
+exactly what a deployment leaves behind: processed batches, a batch a dead run
+inserted but never marked, pending events, a retrying and a failed event.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import threading
+import time
+from importlib import resources
+
+import psycopg
+import pytest
+
+from outbox_pipeline.errors import SchemaMissingError, SchemaOutdatedError
+from outbox_pipeline.events import RawEvent
+from outbox_pipeline.producer import publish_many
+from outbox_pipeline.relay import Relay, RelayPolicy
+from outbox_pipeline.retrying import BackoffPolicy
+from outbox_pipeline.stores import migrations
+from outbox_pipeline.stores.outbox_store import OutboxStore
+from outbox_pipeline_tests.conftest import event_log_store
+from outbox_pipeline_tests.stores import release_v1_outbox_store as release_v1
+
+FAST_RETRIES = BackoffPolicy(attempts=3, base_seconds=0.01)
+
+
+def publish(url: str, event_type: str, count: int) -> list[RawEvent]:
+    events = [RawEvent(event_type=event_type, context=f'{{"n": {n}}}') for n in range(count)]
+    with psycopg.connect(url) as conn:
+        publish_many(conn, events)
+    return events
+
+
+def versions(url: str) -> list[tuple[int, dt.datetime]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT version, applied_at FROM outbox_schema_version ORDER BY version").fetchall()
+
+
+def release_v1_database(url: str) -> None:
+    store = release_v1.OutboxStore.connect(url)
+    store.migrate()
+    store.close()
+
+
+def normalized(sql: str) -> str:
+    return " ".join(re.sub(r"--[^\n]*", "", sql).split())
+
+
+def test_migration_0001_is_exactly_the_schema_of_the_first_release():
+    # A database created by that release is "at version 1": 0001 must never change.
+    shipped = (resources.files("outbox_pipeline") / "sql" / "0001_initial_schema.sql").read_text()
+    assert normalized(shipped) == normalized(release_v1.MIGRATION)
+
+
+def test_a_release_v1_database_is_upgraded_in_place_and_every_event_is_delivered_exactly_once(
+    outbox_database_url, clickhouse_url
+):
+    url = outbox_database_url
+    release_v1_database(url)
+    with event_log_store(clickhouse_url) as event_log:
+        event_log.migrate()
+        event_log.client.command("ALTER TABLE event_log ADD CONSTRAINT no_failed CHECK event_type != 'poison_failed'")
+        event_log.client.command("ALTER TABLE event_log ADD CONSTRAINT no_retry CHECK event_type != 'poison_retry'")
+
+    v1 = release_v1.OutboxStore.connect(url)
+    with event_log_store(clickhouse_url) as event_log:
+        # Processed by real runs of the old release; one event failed for good, one awaits its retry.
+        published = publish(url, "order_paid", 10) + publish(url, "poison_failed", 1)
+        one_attempt = RelayPolicy(batch_size=100, max_event_attempts=1, retry=FAST_RETRIES)
+        assert Relay(v1, event_log, one_attempt, claimed_by="v1-run-1").drain().events_loaded == 10
+        published += publish(url, "user_created", 10) + publish(url, "poison_retry", 1)
+        retry_later = RelayPolicy(batch_size=100, max_event_attempts=5, event_retry_base_seconds=3600, retry=FAST_RETRIES)
+        assert Relay(v1, event_log, retry_later, claimed_by="v1-run-2").drain().events_loaded == 10
+        # A run that claimed and inserted a batch, then died before marking it.
+        published += publish(url, "order_shipped", 10)
+        dead_run = Relay(v1, event_log, RelayPolicy(batch_size=100, lease_seconds=1, retry=FAST_RETRIES), claimed_by="v1-dead-run")
+        in_flight = dead_run.claim()
+        assert dead_run.load(in_flight).loaded_rows == 10
+        # Still pending at the upgrade.
+        published += publish(url, "user_deleted", 10)
+        rows_before_upgrade = event_log.counts()
+        event_log.client.command("ALTER TABLE event_log DROP CONSTRAINT no_retry")  # the retrying event's cause is fixed
+    before = v1.counts()
+    installation_id = v1.installation_id
+    cursor_before = v1.conn.execute("SELECT claimed_txid::text, claimed_id FROM outbox_relay_cursor").fetchone()
+    v1.close()
+    assert rows_before_upgrade == (30, 30)
+    assert (before.pending, before.in_flight, before.retrying, before.failed, before.processed) == (21, 10, 1, 1, 20)
+
+    upgraded_at = dt.datetime.now(dt.timezone.utc)
+    store = OutboxStore.connect(url)
+    assert store.migrate() == [2]
+    assert [version for version, _ in versions(url)] == [1, 2] == [1, migrations.LATEST_VERSION]
+
+    # In place: the same counts, cursor and installation for the default relay.
+    after = store.counts()
+    assert (after.pending, after.in_flight, after.retrying, after.failed, after.processed) == (21, 10, 1, 1, 20)
+    assert store.installation_id == installation_id
+    assert store.conn.execute(
+        "SELECT claimed_txid::text, claimed_id FROM outbox_relay_cursor WHERE relay = 'default'"
+    ).fetchone() == cursor_before
+
+    # The dead run's batch is taken over under the token it was inserted with before the upgrade.
+    deadline = time.monotonic() + 30
+    while store.conn.execute("SELECT count(*) FROM outbox_batch WHERE state = 'claimed' AND lease_expires_at >= now()").fetchone()[0]:
+        assert time.monotonic() < deadline, "the dead run's lease never expired"
+        time.sleep(0.2)
+    taken_over = store.claim_next_batch(claimed_by="after-upgrade", batch_size=100, lease_seconds=60)
+    assert (taken_over.batch_id, taken_over.claim_count, taken_over.row_count) == (in_flight.batch_id, 2, 10)
+    assert taken_over.deduplication_token(0, 10) == in_flight.deduplication_token(0, 10)
+    store.release_batch(taken_over)
+    # The retrying event's backoff has passed.
+    store.conn.execute("UPDATE outbox_failure SET next_attempt_at = now() WHERE state = 'retrying'")
+
+    with event_log_store(clickhouse_url) as event_log:
+        totals = Relay(store, event_log, RelayPolicy(batch_size=100, retry=FAST_RETRIES), claimed_by="after-upgrade").drain()
+        rows, distinct = event_log.counts()
+        reinserted_after_upgrade = event_log.client.command(
+            "SELECT count() FROM event_log WHERE event_type = 'order_shipped' AND loaded_at >= {t:DateTime64(6, 'UTC')}",
+            parameters={"t": upgraded_at},
+        )
+        poison_failed = [e for e in published if e.event_type == "poison_failed"]
+        assert event_log.rows_for([str(poison_failed[0].event_id)]) == []
+    delivered = len(published) - 1  # the failed event stays failed
+    assert (rows, distinct) == (delivered, delivered) == (41, 41)
+    assert totals.events_loaded == 10 + 10 + 1  # the retaken batch, the pending events, the retried event
+    assert reinserted_after_upgrade == 0  # ClickHouse dropped the re-insert: same token as before the upgrade
+    final = store.counts()
+    assert (final.pending, final.in_flight, final.retrying, final.failed, final.processed) == (0, 0, 0, 1, 41)
+    store.close()
+
+
+def test_migrating_twice_changes_nothing(outbox_database_url):
+    store = OutboxStore.connect(outbox_database_url)
+    assert store.migrate() == list(range(1, migrations.LATEST_VERSION + 1))
+    applied = versions(outbox_database_url)
+    assert store.migrate() == []
+    assert versions(outbox_database_url) == applied
+    store.close()
+
+
+def test_two_concurrent_migrations_apply_each_version_once(outbox_database_url):
+    # A third session holds the migration lock, so both migrations start before either can proceed.
+    holder = psycopg.connect(outbox_database_url, autocommit=True)
+    holder.execute("SELECT pg_advisory_lock(%s)", (migrations.ADVISORY_LOCK_KEY,))
+    outcomes: dict[int, list[int] | BaseException] = {}
+
+    def migrate(n: int) -> None:
+        store = OutboxStore.connect(outbox_database_url)
+        try:
+            outcomes[n] = store.migrate()
+        except BaseException as exc:
+            outcomes[n] = exc
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=migrate, args=(n,)) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while holder.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").fetchone()[0] < 2:
+        assert time.monotonic() < deadline, "the migrations never waited for the lock"
+        time.sleep(0.05)
+    holder.execute("SELECT pg_advisory_unlock(%s)", (migrations.ADVISORY_LOCK_KEY,))
+    holder.close()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert sorted(outcomes.values(), key=len) == [[], list(range(1, migrations.LATEST_VERSION + 1))], outcomes
+    assert [version for version, _ in versions(outbox_database_url)] == list(range(1, migrations.LATEST_VERSION + 1))
+
+
+def test_a_relay_on_a_database_not_yet_upgraded_says_to_run_init(outbox_database_url):
+    release_v1_database(outbox_database_url)
+    store = OutboxStore.connect(outbox_database_url)
+    with pytest.raises(SchemaOutdatedError) as raised:
+        store.claim_next_batch(claimed_by="new-code", batch_size=10, lease_seconds=60)
+    message = str(raised.value)
+    assert message == (
+        f"the outbox database is at schema version 1 but this release of outbox_pipeline needs version "
+        f"{migrations.LATEST_VERSION}: run `outbox-pipeline init` to upgrade it"
+    )
+    with pytest.raises(SchemaOutdatedError):
+        store.check_schema()
+    store.close()
+
+
+def test_a_relay_on_an_empty_database_says_to_run_init(outbox_database_url):
+    store = OutboxStore.connect(outbox_database_url)
+    with pytest.raises(SchemaMissingError, match=r"run `outbox-pipeline init` first$"):
+        store.counts()
+    store.close()
