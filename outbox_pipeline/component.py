@@ -68,8 +68,8 @@ class OutboxRelayScaffolder(dg.Scaffolder):
             request,
             {
                 "name": name,
+                # ClickHouse is left out: the code location's CLICKHOUSE_URL (or the embedded chDB) is used.
                 "outbox_database_url": f"{{{{ env.{name.upper()}_OUTBOX_DATABASE_URL }}}}",
-                "clickhouse_url": "{{ env.CLICKHOUSE_URL }}",
                 "table": f"{name}_event_log",
                 "event_types": [f"{name}_*"],
             },

@@ -122,6 +122,9 @@ class ClickHouseResource(dg.ConfigurableResource):
     def store(self) -> EventLogStore:
         if self._store is None:
             self._store = EventLogStore.connect(self.url, table=self.table, busy_wait_seconds=self.busy_wait_seconds)
+            # A relay added as a component brings its own table: created here if missing (IF NOT EXISTS, so a
+            # table created by hand, such as a replicated one on a cluster, is left as it is).
+            self._store.migrate()
         return self._store
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:

@@ -16,6 +16,8 @@ no hooks for this: the wrapping happens in this process only.
 
 ``--relay NAME --event-types 'order_*,refund' --table orders_event_log`` makes the
 ``drain`` runner a relay of its own, with its own bookkeeping, into its own table.
+``--component FILE`` makes the ``job`` runner run the relay job of the
+``OutboxRelay`` component that FILE (a defs.yaml) configures.
 
 ``--until-file`` repeats runs until that file exists and a run then finds no
 work (a relay that keeps polling while producers publish).
@@ -99,11 +101,27 @@ def install_kill_point(step: str, nth: int) -> None:
     setattr(cls, name, wrapper)
 
 
-def run_job_once(instance, batch_size: int | None, max_batches: int | None) -> dict:
+def component_relay_job(defs_yaml: Path):
+    """The relay job of the OutboxRelay component configured by ``defs_yaml``, as the code location builds it."""
+    import dagster as dg
+    import yaml
+
+    from outbox_pipeline.component import OutboxRelay
+
+    component = OutboxRelay.resolve_from_yaml(yaml.safe_dump(yaml.safe_load(defs_yaml.read_text())["attributes"]))
+    defs = dg.build_defs_for_component(component)
+    return defs.resolve_job_def(component.relay_instance().named("process_outbox_events"))
+
+
+def run_job_once(instance, batch_size: int | None, max_batches: int | None, component: Path | None = None) -> dict:
     from outbox_pipeline_tests.support.relay_runs import run_relay
 
     run_config = {key: value for key, value in (("batch_size", batch_size), ("max_batches", max_batches)) if value}
-    result = run_relay(instance, run_config=run_config or None)
+    if component is None:
+        result = run_relay(instance, run_config=run_config or None)
+    else:
+        config = {"ops": {"extract_outbox_batches": {"config": run_config}}} if run_config else None
+        result = component_relay_job(component).execute_in_process(instance=instance, run_config=config, raise_on_error=False)
     if result.success:
         summary = result.output_for_node("report_relay_run")
         return {"events_loaded": summary["events_loaded"], "batches": summary["batches"], "failure": None}
@@ -151,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--relay", default="default", help="drain runner: the relay's name")
     parser.add_argument("--event-types", default="", help="drain runner: comma-separated event type patterns")
     parser.add_argument("--table", default="event_log", help="drain runner: the ClickHouse table")
+    parser.add_argument("--component", type=Path, default=None, help="job runner: a defs.yaml of an OutboxRelay")
     args = parser.parse_args(argv)
 
     if args.kill_after:
@@ -159,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         import dagster as dg
 
         instance = dg.DagsterInstance.ephemeral()
-        run_once = lambda: run_job_once(instance, args.batch_size, args.max_batches)  # noqa: E731
+        run_once = lambda: run_job_once(instance, args.batch_size, args.max_batches, args.component)  # noqa: E731
         close = lambda: None  # noqa: E731
     else:
         runner = DrainRunner(args.batch_size, args.max_batches, args.relay, args.event_types, args.table)
