@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import psycopg
 
-from outbox_pipeline.errors import OutboxPipelineError
+from outbox_pipeline.errors import OutboxPipelineError, one_line
 from outbox_pipeline.settings import RelaySettings
 from outbox_pipeline.stores.clickhouse_connection import translate_clickhouse_error
 from outbox_pipeline.stores.embedded_postgres import (
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"outbox-pipeline: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except psycopg.Error as exc:
-        print(f"outbox-pipeline: error: PostgreSQL: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"outbox-pipeline: error: PostgreSQL: {one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("outbox-pipeline: interrupted", file=sys.stderr)
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.traceback:
             raise
-        print(f"outbox-pipeline: error: unexpected {type(exc).__name__}: {' '.join(str(exc).split())} (rerun with --traceback for details)", file=sys.stderr)
+        print(f"outbox-pipeline: error: unexpected {type(exc).__name__}: {one_line(exc)} (rerun with --traceback for details)", file=sys.stderr)
         return EXIT_ERROR
     finally:
         if stores is not None:

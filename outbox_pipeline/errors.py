@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def one_line(error: BaseException | str, limit: int | None = None) -> str:
+    """The message on one line (whitespace collapsed), the exception's type name if it has none; cut at ``limit``."""
+    text = " ".join(str(error).split()) or (type(error).__name__ if isinstance(error, BaseException) else "")
+    return text[:limit] if limit else text
+
+
 class OutboxPipelineError(Exception):
     """Base class: ``str(error)`` is a complete, user-facing, one-line message."""
 

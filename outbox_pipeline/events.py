@@ -13,7 +13,6 @@ context is the JSON of the payload fields, serialized once and stored byte for b
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 import uuid
 from collections.abc import Iterable
@@ -22,6 +21,7 @@ from typing import ClassVar
 import pydantic
 import pydantic_core
 
+from outbox_pipeline.settings import producer_settings
 from outbox_pipeline.errors import EventRejectedError
 
 # ClickHouse DateTime64(6) holds 1900-01-01 to 2299-12-31; anything outside would be rejected at load time.
@@ -40,7 +40,7 @@ def snake_case(name: str) -> str:
 
 
 def default_environment() -> str:
-    return os.environ.get("OUTBOX_ENVIRONMENT") or os.environ.get("SENTRY_CONFIG_ENVIRONMENT") or "development"
+    return producer_settings().environment
 
 
 def _utc_now() -> dt.datetime:

@@ -9,10 +9,10 @@ Nothing here commits or rolls back.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
-from outbox_pipeline.events import DEFAULT_MAX_EVENT_BYTES, OutboxEvent, RawEvent, outbox_rows
+from outbox_pipeline.settings import producer_settings
+from outbox_pipeline.events import OutboxEvent, RawEvent, outbox_rows
 from outbox_pipeline.stores.outbox_store import COPY_EVENTS_IN, INSERT_EVENT
 
 Event = OutboxEvent | RawEvent
@@ -24,8 +24,7 @@ _PLACEHOLDERS = {"format": "%s", "pyformat": "%s", "qmark": "?", "numeric": ":{n
 
 
 def _max_event_bytes() -> int:
-    value = os.environ.get("OUTBOX_MAX_EVENT_BYTES")
-    return int(value) if value else DEFAULT_MAX_EVENT_BYTES
+    return producer_settings().max_event_bytes
 
 
 def publish(connection, *events: Event) -> int:

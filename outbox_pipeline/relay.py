@@ -25,7 +25,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-from outbox_pipeline.errors import OutboxPipelineError
+from outbox_pipeline.errors import OutboxPipelineError, one_line
 from outbox_pipeline.memory import return_large_buffers_to_the_system
 from outbox_pipeline.prefetch import BatchPrefetcher
 from outbox_pipeline.retrying import BackoffPolicy, RetryCallback, RetryNotice, call_postgres_with_retries, call_with_retries
@@ -150,11 +150,11 @@ class Relay:
                 [(outbox_id, event_id)] = self._postgres(
                     "identifying a rejected event", lambda: self.outbox.read_block_identities(handle, start, stop)
                 )
-                rejected.append(RejectedEvent(start, outbox_id, event_id, _one_line(exc)))
+                rejected.append(RejectedEvent(start, outbox_id, event_id, one_line(exc)))
                 if len(rejected) > self.policy.max_rejected_per_batch:
                     raise TooManyRejectedEventsError(
                         f"ClickHouse rejected more than {self.policy.max_rejected_per_batch} events of batch {handle.batch_id} "
-                        f"({_one_line(exc)[:600]}); that points at the event_log table or the server, not the events: "
+                        f"({one_line(exc)[:600]}); that points at the event_log table or the server, not the events: "
                         "fix it and rerun, every event is still pending"
                     ) from exc
         return LoadResult(
@@ -237,7 +237,3 @@ class Relay:
         self.retries += 1
         if self._on_retry is not None:
             self._on_retry(notice)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

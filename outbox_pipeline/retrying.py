@@ -10,7 +10,7 @@ from typing import Protocol, TypeVar
 
 import psycopg
 
-from outbox_pipeline.errors import RetriesExhaustedError, SchemaMissingError, StoreBusyError
+from outbox_pipeline.errors import RetriesExhaustedError, SchemaMissingError, StoreBusyError, one_line
 from outbox_pipeline.stores.clickhouse_connection import ErrorKind, classify_clickhouse_error
 
 T = TypeVar("T")
@@ -95,7 +95,7 @@ def call_with_retries(
             if not transient(exc):
                 raise
             if attempt >= policy.attempts:
-                reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+                reason = one_line(exc, 300)
                 raise RetriesExhaustedError(
                     f"{what} failed {attempt} times in a row ({reason}); nothing was lost: "
                     "the events stay pending and the next run retries them"

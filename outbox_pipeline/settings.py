@@ -14,7 +14,7 @@ import datetime as dt
 import functools
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import pydantic
 from pydantic import Field
@@ -45,10 +45,33 @@ def _env(name: str, default: Any, description: str, **constraints: Any) -> Any:
     return Field(default, validation_alias=name, description=description, **constraints)
 
 
-class RelaySettings(BaseSettings):
-    """All variables, by their environment names; see ``.env.example`` and the README."""
+class ProducerSettings(BaseSettings):
+    """The variables the producer API reads in the application's own process, and only those."""
 
     model_config = SettingsConfigDict(env_ignore_empty=True, extra="ignore", frozen=True, case_sensitive=True)
+
+    environment_setting: str | None = _env("OUTBOX_ENVIRONMENT", None, "Default environment of published events.")
+    sentry_environment: str = _env("SENTRY_CONFIG_ENVIRONMENT", "development", "Sentry environment of everything sent.")
+    max_event_bytes: int = _env("OUTBOX_MAX_EVENT_BYTES", 1_048_576, "The producer refuses larger payloads.", ge=1)
+
+    @property
+    def environment(self) -> str:
+        return self.environment_setting or self.sentry_environment
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
+        """The settings of ``environ`` (default: this process's environment), or one ConfigurationError line."""
+        try:
+            if environ is None:
+                return cls()
+            names = {str(field.validation_alias) for field in cls.model_fields.values()}
+            return cls.model_validate({k: v for k, v in environ.items() if k in names and v.strip()})
+        except pydantic.ValidationError as exc:
+            raise ConfigurationError(describe_validation_error(exc)) from None
+
+
+class RelaySettings(ProducerSettings):
+    """All variables, by their environment names; see ``.env.example`` and the README."""
 
     # -- stores ---------------------------------------------------------------------------
     outbox_database_url: str | None = Field(
@@ -60,7 +83,6 @@ class RelaySettings(BaseSettings):
         description="http(s):// URL of a ClickHouse server or chdb:///absolute/path; unset: chDB under OUTBOX_STATE_DIR.",
     )
     state_dir: Path = _env("OUTBOX_STATE_DIR", Path(".outbox_state"), "Local state of the embedded defaults.")
-    environment_setting: str | None = _env("OUTBOX_ENVIRONMENT", None, "Default environment of published events.")
     clickhouse_busy_wait_seconds: float = _env(
         "OUTBOX_CLICKHOUSE_BUSY_WAIT_SECONDS", 10.0, "How long a command waits for a busy chDB directory.", ge=0
     )
@@ -74,7 +96,6 @@ class RelaySettings(BaseSettings):
     transient_retry_base_seconds: float = _env("OUTBOX_RETRY_BASE_SECONDS", 0.5, "Backoff base for transient errors.", ge=0)
     max_event_attempts: int = _env("OUTBOX_MAX_EVENT_ATTEMPTS", 5, "Attempts for an event ClickHouse rejects.", ge=1)
     event_retry_base_seconds: float = _env("OUTBOX_EVENT_RETRY_BASE_SECONDS", 30.0, "Backoff base for rejected events.", ge=0)
-    max_event_bytes: int = _env("OUTBOX_MAX_EVENT_BYTES", 1_048_576, "The producer refuses larger payloads.", ge=1)
 
     # -- automation ---------------------------------------------------------------------------
     sensor_enabled: bool = _env("OUTBOX_SENSOR_ENABLED", True, "Whether the pending-work sensor runs by default.")
@@ -100,7 +121,6 @@ class RelaySettings(BaseSettings):
 
     # -- Sentry -----------------------------------------------------------------------------------
     sentry_dsn: str | None = Field(None, validation_alias="SENTRY_CONFIG_DSN", repr=False, description="Sentry project DSN.")
-    sentry_environment: str = _env("SENTRY_CONFIG_ENVIRONMENT", "development", "Sentry environment of everything sent.")
     debug: bool = _env("DEBUG", False, "true turns Sentry off even with a DSN.")
     sentry_traces_sample_rate: float = _env("SENTRY_TRACES_SAMPLE_RATE", 1.0, "Share of relay runs sent as transactions.", ge=0, le=1)
     sentry_send_event_payloads: bool = _env("SENTRY_SEND_EVENT_PAYLOADS", False, "Let event_context reach Sentry.")
@@ -160,28 +180,11 @@ class RelaySettings(BaseSettings):
             )
         return self
 
-    # -- reading ---------------------------------------------------------------------------------
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "RelaySettings":
-        """The settings of ``environ`` (default: this process's environment), or one ConfigurationError line."""
-        try:
-            if environ is None:
-                return cls()
-            names = {str(field.validation_alias) for field in cls.model_fields.values()}
-            return cls.model_validate({k: v for k, v in environ.items() if k in names and v.strip()})
-        except pydantic.ValidationError as exc:
-            raise ConfigurationError(describe_validation_error(exc)) from None
-
     # -- derived values ---------------------------------------------------------------------------
 
     @property
     def clickhouse_url(self) -> str:
         return self.clickhouse_url_setting or f"chdb://{self.state_dir / 'clickhouse'}"
-
-    @property
-    def environment(self) -> str:
-        return self.environment_setting or self.sentry_environment
 
     @property
     def uses_embedded_postgres(self) -> bool:
@@ -231,3 +234,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> RelaySettings:
 def code_location_settings() -> RelaySettings:
     """The settings of this process's code location: read once, shared by every relay in it."""
     return load_settings()
+
+
+@functools.cache
+def producer_settings() -> ProducerSettings:
+    """The producer's variables in this process, read once."""
+    return ProducerSettings.from_env()

@@ -24,12 +24,11 @@ def failure_fingerprint(job_name: str, op_name: str, exception: BaseException | 
 
 
 def _op_retry_number(context: dg.HookContext) -> int:
-    # Op retries (RetryPolicy) before this failure. Not public on HookContext; 0 when missing.
-    step_context = getattr(context, "_step_execution_context", None)
-    try:
-        return int(getattr(step_context, "previous_attempt_count", 0) or 0)
-    except Exception:
-        return 0
+    """Op retries (RetryPolicy) before this failure: the step's STEP_UP_FOR_RETRY events in the run's log."""
+    records = context.instance.get_records_for_run(
+        run_id=context.run_id, of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY
+    ).records
+    return sum(1 for record in records if record.event_log_entry.step_key == context.step_key)
 
 
 def report_op_failure(context: dg.HookContext) -> str | None:

@@ -20,6 +20,7 @@ from typing import Any
 import sentry_sdk
 import sentry_sdk.metrics
 
+from outbox_pipeline import errors
 from outbox_pipeline.monitoring.crons import CronMonitor
 from outbox_pipeline.monitoring.sentry_setup import flush_sentry, init_sentry
 from outbox_pipeline.relay import LoadResult
@@ -36,8 +37,7 @@ MAX_ERROR_CHARS = 1000
 
 
 def one_line(error: BaseException | str) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text[:MAX_ERROR_CHARS]
+    return errors.one_line(error, MAX_ERROR_CHARS)
 
 
 def metric_attributes(job_name: str, environment: str) -> dict[str, str]:

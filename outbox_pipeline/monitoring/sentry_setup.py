@@ -32,7 +32,6 @@ from importlib import metadata
 from typing import Any, Callable, Optional
 
 import sentry_sdk
-import urllib3
 from sentry_sdk.integrations.atexit import AtexitIntegration
 from sentry_sdk.integrations.dedupe import DedupeIntegration
 from sentry_sdk.integrations.logging import LoggingIntegration
@@ -109,7 +108,8 @@ class BoundedHttpTransport(HttpTransport):
     waits at most its timeout, but the stock 30 s request timeout keeps a
     stalled request (and everything queued behind it) alive long after the
     flush gave up. Bounding each request by the flush budget keeps the
-    queue moving; connection errors get a single quick retry.
+    queue moving. ``TIMEOUT`` is the transport's own per-request timeout
+    (a public class attribute of ``HttpTransport``).
     """
 
     TIMEOUT: float = 2.0
@@ -119,12 +119,6 @@ class BoundedHttpTransport(HttpTransport):
         # The SDK instantiates the transport class itself (with its options),
         # so the timeout travels as a class attribute of a subclass.
         return type(cls.__name__, (cls,), {"TIMEOUT": float(seconds)})
-
-    def _get_pool_options(self) -> dict[str, Any]:
-        options = super()._get_pool_options()
-        options["timeout"] = urllib3.Timeout(total=self.TIMEOUT)
-        options["retries"] = urllib3.Retry(total=1, read=0, redirect=0, status=0)
-        return options
 
 
 @functools.lru_cache(maxsize=16)

@@ -17,7 +17,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from outbox_pipeline.errors import ConfigurationError, StoreBusyError, StoreUnavailableError
+from outbox_pipeline.errors import ConfigurationError, StoreBusyError, StoreUnavailableError, one_line
 
 _URL_HELP = "expected http(s)://user:password@host:8123/database or chdb:///absolute/path"
 
@@ -188,7 +188,7 @@ def translate_clickhouse_error(exc: BaseException, url: str) -> Exception:
     if isinstance(exc, (StoreBusyError, ConfigurationError)):
         return exc
     where = describe_clickhouse_url(url)
-    text = " ".join(str(exc).split())
+    text = one_line(exc)
     code = getattr(exc, "code", None)
     if code in (192, 193, 194, 516) or "authentication failed" in text.lower():
         return StoreUnavailableError(f"ClickHouse at {where} rejected the credentials: check the user and password in CLICKHOUSE_URL")

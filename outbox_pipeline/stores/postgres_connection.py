@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import psycopg
 
-from outbox_pipeline.errors import ConfigurationError, SchemaMissingError, StoreUnavailableError
+from outbox_pipeline.errors import ConfigurationError, SchemaMissingError, StoreUnavailableError, one_line
 from outbox_pipeline.settings import RelaySettings
 # Re-exported: the embedded server's URL is one of the ways to the outbox database.
 from outbox_pipeline.stores.embedded_postgres import embedded_postgres_url, running_embedded_postgres_url
@@ -73,7 +73,7 @@ def resolve_outbox_database_url(settings: RelaySettings, *, start_embedded: bool
 def translate_postgres_error(exc: BaseException, url: str) -> Exception:
     """Turn a psycopg error into one of ours with a one-line message that says what to do."""
     where = describe_postgres_url(url)
-    text = " ".join(str(exc).split())
+    text = one_line(exc)
     lowered = text.lower()
     if isinstance(exc, psycopg.errors.UndefinedTable):
         return SchemaMissingError(f"the outbox tables do not exist in {where}: run `outbox-pipeline init` first")
