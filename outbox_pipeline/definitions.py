@@ -24,7 +24,8 @@ def build_defs(settings: RelaySettings, *, with_defs_folder: bool = True) -> dg.
         build_relay_defs(RelayInstance.from_settings(settings)),
         dg.Definitions(sensors=[build_run_failure_sensor(settings)], executor=dg.in_process_executor),
     ]
-    if with_defs_folder:
+    # Only when a relay is configured there: an installed copy of the package has no project around it.
+    if with_defs_folder and any(PROJECT_DEFS.rglob("defs.yaml")):
         parts.append(dg.load_from_defs_folder(path_within_project=PROJECT_DEFS))
     return dg.Definitions.merge(*parts)
 
