@@ -24,10 +24,9 @@ __all__ = ["reset_sentry", "reset_sentry_sdk", "sentry_recorder"]
 def reset_sentry_sdk() -> None:
     """Drop the active Sentry client and all scope state.
 
-    Mirrors sentry-python's own test suite (``tests/conftest.py``,
-    ``clean_scopes``): the global scope and the isolation/current scope
-    context variables are cleared, so the next ``sentry_sdk.init`` starts
-    from nothing. The old client is closed without waiting so its
+    Through the public scope API: the global, isolation and current scopes lose
+    their client and their data, so the next ``sentry_sdk.init`` starts from
+    nothing. The old client is closed without waiting so its
     background threads stop and nothing stale reaches the next test's
     server. Integrations stay installed: their ``setup_once`` patches are
     process-wide and look up the *current* client, which is what makes
@@ -39,9 +38,9 @@ def reset_sentry_sdk() -> None:
             client.close(timeout=0)
         except Exception:  # a broken client must not break teardown
             pass
-    sentry_sdk.scope._global_scope = None
-    sentry_sdk.scope._isolation_scope.set(None)
-    sentry_sdk.scope._current_scope.set(None)
+    for scope in (sentry_sdk.get_global_scope(), sentry_sdk.get_isolation_scope(), sentry_sdk.get_current_scope()):
+        scope.set_client(None)
+        scope.clear()
 
 
 @pytest.fixture
