@@ -24,6 +24,7 @@ the report of a run whose worker died.
 """
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -84,6 +85,10 @@ def run_has_ended(context: dg.InitResourceContext, run: dg.DagsterRun) -> bool:
     return (stored or run).is_finished
 
 
+# The Sentry settings a monitor carries as its configuration (the release is the package's own).
+_SENTRY_FIELDS = tuple(field.name for field in dataclasses.fields(SentrySettings) if field.name != "release")
+
+
 class RelayRunMonitor(dg.ConfigurableResource):
     """Sentry reporting for the run it is set up in, with the code location's Sentry settings."""
 
@@ -107,26 +112,13 @@ class RelayRunMonitor(dg.ConfigurableResource):
     @classmethod
     def from_settings(cls, settings: RelaySettings, relay_name: str = "default", relay_job: str = RELAY_JOB) -> "RelayRunMonitor":
         """The monitor of one relay; the DSN stays a variable's name in the UI."""
-        return cls(
-            relay_job=relay_job,
-            dsn=dg.EnvVar("SENTRY_CONFIG_DSN") if settings.sentry_dsn else None,
-            environment=settings.sentry_environment,
-            debug=settings.debug,
-            traces_sample_rate=settings.sentry_traces_sample_rate,
-            send_event_payloads=settings.sentry_send_event_payloads,
-            flush_timeout_seconds=settings.sentry_flush_timeout_seconds,
-            cron=CronMonitor.from_settings(settings, relay_name),
-        )
+        sentry = {field: getattr(settings.sentry, field) for field in _SENTRY_FIELDS}
+        if sentry["dsn"]:
+            sentry["dsn"] = dg.EnvVar("SENTRY_CONFIG_DSN")
+        return cls(relay_job=relay_job, cron=CronMonitor.from_settings(settings, relay_name), **sentry)
 
     def sentry_settings(self) -> SentrySettings:
-        return SentrySettings(
-            dsn=self.dsn,
-            environment=self.environment,
-            debug=self.debug,
-            traces_sample_rate=self.traces_sample_rate,
-            send_event_payloads=self.send_event_payloads,
-            flush_timeout_seconds=self.flush_timeout_seconds,
-        )
+        return SentrySettings(**{field: getattr(self, field) for field in _SENTRY_FIELDS})
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._error = None
