@@ -15,6 +15,7 @@ directory, as bench.py):
   1,000 calls of one event, on the path before tracing existed (validation and insert
   only), with Sentry off (not imported; imported without a client), with Sentry on
   outside a transaction, and inside a sampled transaction (one queue.publish span per call).
+  Paths compared with each other take turns within every round; the best round counts.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from outbox_pipeline.stores.event_log_store import create_table_sql
 from outbox_pipeline.stores.postgres_connection import describe_postgres_url, embedded_postgres_url
 
 PUBLISH_EVENTS = 1_000
-PUBLISH_ROUNDS = 5
+PUBLISH_ROUNDS = 9
 
 
 class EnvelopeSink:
@@ -147,61 +148,84 @@ def relay_side_by_side(
             "off_all": rates["off"], "on_all": rates["on"]}
 
 
-def publish_costs(database_url: str, sink_dsn: str) -> dict[str, tuple[float, float]]:
-    """Microseconds per event: (one call of PUBLISH_EVENTS events, PUBLISH_EVENTS calls of one event), best of PUBLISH_ROUNDS."""
+def publish_costs(database_url: str, sink_dsn: str) -> dict[str, tuple[float, ...]]:
+    """Microseconds per event (one call of PUBLISH_EVENTS events, PUBLISH_EVENTS calls of one event; best of
+    PUBLISH_ROUNDS), and per call of the tracing check alone."""
     from outbox_pipeline.events import RawEvent, outbox_rows
-    from outbox_pipeline.producer import _write_rows, publish_many
+    from outbox_pipeline.producer import _max_event_bytes, _write_rows, publish_many
+    from outbox_pipeline.publish_tracing import current_span
 
     def events() -> list[RawEvent]:
         return [RawEvent(event_type="order_paid", context=f'{{"order_id": {n}, "amount": "9.90", "currency": "EUR", '
                                                           f'"email": "user{n}@example.com", "note": "{n:032x}"}}')
                 for n in range(PUBLISH_EVENTS)]
 
-    def before(conn, batch) -> None:  # the producer path without any tracing check: validation and insert
-        _write_rows(conn, outbox_rows(batch))
+    def before(conn, batch) -> None:  # publish_many as it was before tracing: validation and insert
+        rows = outbox_rows(batch, max_event_bytes=_max_event_bytes())
+        if rows:
+            _write_rows(conn, rows)
 
     def after(conn, batch) -> None:
         publish_many(conn, batch)
 
-    def best(write, around=None) -> tuple[float, float]:
-        figures = []
-        for shape in ("one_call", "many_calls"):
-            timings = []
-            for _ in range(PUBLISH_ROUNDS):
-                batch = events()
-                with psycopg.connect(database_url) as conn:
-                    conn.execute("SELECT 1")  # the connection is warm before timing
-                    with around() if around else contextlib.nullcontext():
-                        started = time.perf_counter()
-                        if shape == "one_call":
-                            write(conn, batch)
-                        else:
-                            for event in batch:
-                                write(conn, [event])
-                        timings.append(time.perf_counter() - started)
-                    conn.rollback()
-            figures.append(min(timings) / PUBLISH_EVENTS * 1e6)
-        return figures[0], figures[1]
+    def best(writers: dict[str, tuple]) -> dict[str, tuple[float, float]]:
+        """Each writer's best round per call shape; the writers take turns within every round, so drift favours none."""
+        timings: dict[tuple[str, str], list[float]] = {}
+        for _ in range(PUBLISH_ROUNDS):
+            for shape in ("one_call", "many_calls"):
+                for label, (write, around) in writers.items():
+                    batch = events()
+                    with psycopg.connect(database_url) as conn:
+                        conn.execute("SELECT 1")  # the connection is warm before timing
+                        with around() if around else contextlib.nullcontext():
+                            started = time.perf_counter()
+                            if shape == "one_call":
+                                write(conn, batch)
+                            else:
+                                for event in batch:
+                                    write(conn, [event])
+                            timings.setdefault((label, shape), []).append(time.perf_counter() - started)
+                        conn.rollback()
+        return {
+            label: tuple(min(timings[(label, shape)]) / PUBLISH_EVENTS * 1e6 for shape in ("one_call", "many_calls"))
+            for label in writers
+        }
 
-    costs: dict[str, tuple[float, float]] = {}
+    def check() -> float:
+        """Microseconds per call of the test every publish makes first (is a sampled span current?)."""
+        calls = 200_000
+        started = time.perf_counter()
+        for _ in range(calls):
+            current_span()
+        return (time.perf_counter() - started) / calls * 1e6
+
+    costs: dict[str, tuple[float, ...]] = {}
     if "sentry_sdk" in sys.modules:
         raise RuntimeError("sentry_sdk is imported already: the 'not imported' figure would be wrong")
-    costs["before: validation + insert only (no tracing check)"] = best(before)
-    costs["Sentry off: sentry_sdk not imported"] = best(after)
+    costs.update(best({
+        "before: validation + insert only (no tracing check)": (before, None),
+        "Sentry off: sentry_sdk not imported": (after, None),
+    }))
+    costs["Sentry off: sentry_sdk not imported"] += (check(),)
     import sentry_sdk
 
-    costs["Sentry off: sentry_sdk imported, no client"] = best(after)
+    costs.update(best({"Sentry off: sentry_sdk imported, no client": (after, None)}))
+    costs["Sentry off: sentry_sdk imported, no client"] += (check(),)
     sentry_sdk.init(dsn=sink_dsn, traces_sample_rate=1.0, default_integrations=False)
-    costs["Sentry on, outside a transaction"] = best(after)
-    costs["Sentry on, in a sampled transaction (a queue.publish span per call)"] = best(
-        after, around=lambda: sentry_sdk.start_transaction(op="http.server", name="POST /checkout")
-    )
+    in_transaction = "Sentry on, in a sampled transaction (a queue.publish span per call)"
+    costs.update(best({
+        "Sentry on, outside a transaction": (after, None),
+        in_transaction: (after, lambda: sentry_sdk.start_transaction(op="http.server", name="POST /checkout")),
+    }))
+    costs["Sentry on, outside a transaction"] += (check(),)
+    with sentry_sdk.start_transaction(op="http.server", name="POST /checkout"):
+        costs[in_transaction] += (check(),)
     sentry_sdk.flush(5)
     sentry_sdk.get_client().close(timeout=2)
     return costs
 
 
-def print_tables(relay_results: list[dict], costs: dict[str, tuple[float, float]], batch_size: int | None) -> None:
+def print_tables(relay_results: list[dict], costs: dict[str, tuple[float, ...]], batch_size: int | None) -> None:
     batch = f"batch size {batch_size:,}" if batch_size else "default batch size"
     header = f"relay, events/s ({batch}; median of {relay_results[0]['runs']} runs per mode)"
     rows = [
@@ -219,11 +243,12 @@ def print_tables(relay_results: list[dict], costs: dict[str, tuple[float, float]
         print(f"{label:<{width}}  " + "  ".join(f"{fn(r):>{cell}}" for r in relay_results))
     print()
     header = f"publish, microseconds per event (best of {PUBLISH_ROUNDS})"
-    columns = (f"1 call of {PUBLISH_EVENTS:,} events", f"{PUBLISH_EVENTS:,} calls of 1 event")
+    columns = (f"1 call of {PUBLISH_EVENTS:,} events", f"{PUBLISH_EVENTS:,} calls of 1 event", "the check alone, per call")
     width = max(len(header), *(len(label) for label in costs))
-    print(f"{header:<{width}}  {columns[0]:>24}  {columns[1]:>24}")
-    for label, (one_call, many_calls) in costs.items():
-        print(f"{label:<{width}}  {one_call:>24.1f}  {many_calls:>24.1f}")
+    print(f"{header:<{width}}  " + "  ".join(f"{column:>25}" for column in columns))
+    for label, figures in costs.items():
+        cells = [f"{figure:.1f}" for figure in figures[:2]] + [f"{figures[2]:.2f}" if len(figures) > 2 else "-"]
+        print(f"{label:<{width}}  " + "  ".join(f"{cell:>25}" for cell in cells))
 
 
 def run_sentry_bench(event_counts: list[int], *, batch_size: int | None, repeat: int, clickhouse_url: str | None) -> int:
