@@ -1,6 +1,7 @@
 """Benchmark: the relay against the practical limit and a naive relay, on the same stores in one run.
 
     python -m outbox_pipeline.bench --events 100000 --events 1000000 [--latency-seconds 20] [--clickhouse-url URL]
+    python -m outbox_pipeline.bench --sentry --events 100000 --events 1000000 [--repeat 3]
 
 Stores are fresh: an embedded PostgreSQL and chDB in a temporary directory (or the
 server in OUTBOX_BENCH_DATABASE_URL, whose database is left with bench tables).
@@ -44,15 +45,29 @@ NAIVE_SAMPLE = 10_000
 LIMIT_CHUNK = 50_000
 
 # Realistic payloads of about 150 bytes, generated in PostgreSQL so loading the backlog is quick.
-_GENERATE_EVENTS = """
+_EVENT_CONTEXT = """json_build_object('order_id', n, 'user_id', n %% 9973, 'amount', round((n %% 100000) / 100.0, 2),
+                         'currency', 'EUR', 'email', 'user' || (n %% 9973) || '@example.com',
+                         'note', md5(n::text))::text"""
+_GENERATE_EVENTS = f"""
 INSERT INTO outbox (event_id, event_type, event_date_time, environment, event_context)
 SELECT gen_random_uuid(),
        (ARRAY['user_created', 'order_paid', 'order_shipped', 'payment_refunded'])[1 + n %% 4],
        now() - make_interval(secs => n %% 86400),
        'bench',
-       json_build_object('order_id', n, 'user_id', n %% 9973, 'amount', round((n %% 100000) / 100.0, 2),
-                         'currency', 'EUR', 'email', 'user' || (n %% 9973) || '@example.com',
-                         'note', md5(n::text))::text
+       {_EVENT_CONTEXT}
+FROM generate_series(1, %s) AS n
+"""
+# The same events as published inside sampled Sentry transactions, 100 per request (bench_sentry.py).
+_GENERATE_TRACED_EVENTS = f"""
+INSERT INTO outbox (event_id, event_type, event_date_time, environment, event_context, sentry_trace, sentry_baggage)
+SELECT gen_random_uuid(),
+       (ARRAY['user_created', 'order_paid', 'order_shipped', 'payment_refunded'])[1 + n %% 4],
+       now() - make_interval(secs => n %% 86400),
+       'bench',
+       {_EVENT_CONTEXT},
+       md5((n / 100)::text) || '-' || left(md5(n::text), 16) || '-1',
+       'sentry-trace_id=' || md5((n / 100)::text) || ',sentry-environment=bench,sentry-release=shop%%401.0,'
+       || 'sentry-public_key=benchkey,sentry-transaction=POST%%20%%2Fcheckout,sentry-sample_rate=1.0,sentry-sampled=true'
 FROM generate_series(1, %s) AS n
 """
 
@@ -72,10 +87,10 @@ def reset_stores(database_url: str, clickhouse_url: str) -> None:
             client.command(create_table_sql(table))
 
 
-def load_backlog(database_url: str, events: int) -> float:
+def load_backlog(database_url: str, events: int, *, traced: bool = False) -> float:
     started = time.perf_counter()
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(_GENERATE_EVENTS, (events,))
+        conn.execute(_GENERATE_TRACED_EVENTS if traced else _GENERATE_EVENTS, (events,))
         conn.execute("VACUUM ANALYZE outbox")
     return time.perf_counter() - started
 
@@ -125,11 +140,13 @@ def measure_limit(database_url: str, clickhouse_url: str) -> dict:
     return {"rows": int(rows), "seconds": seconds}
 
 
-def measure_relay(database_url: str, clickhouse_url: str, batch_size: int | None) -> dict:
-    """The Dagster job, in a child process: events/s and the child's own peak memory."""
+def measure_relay(database_url: str, clickhouse_url: str, batch_size: int | None, *, sentry_dsn: str | None = None) -> dict:
+    """The Dagster job, in a child process: events/s and the child's own peak memory (Sentry off unless a DSN is given)."""
     env = {**os.environ, "OUTBOX_DATABASE_URL": database_url, "CLICKHOUSE_URL": clickhouse_url,
            "OUTBOX_MAX_BATCHES_PER_RUN": "100000", "OUTBOX_MAX_SECONDS_PER_RUN": "3600"}
     env.pop("SENTRY_CONFIG_DSN", None)
+    if sentry_dsn:
+        env.update({"SENTRY_CONFIG_DSN": sentry_dsn, "SENTRY_TRACES_SAMPLE_RATE": "1.0", "DEBUG": "false"})
     if batch_size:
         env["OUTBOX_BATCH_SIZE"] = str(batch_size)
     result = subprocess.run([sys.executable, "-m", "outbox_pipeline.bench", "--run-relay-child"],
@@ -145,9 +162,9 @@ def _relay_child() -> None:
     import dagster as dg
 
     logging.disable(logging.CRITICAL)
-    from outbox_pipeline.definitions import build_resources
-    from outbox_pipeline.jobs import process_outbox_events
+    from outbox_pipeline.definitions import build_resources, defs
 
+    process_outbox_events = defs.resolve_job_def("process_outbox_events")
     with dg.instance_for_test() as instance:
         started = time.perf_counter()
         run = process_outbox_events.execute_in_process(instance=instance, resources=build_resources(), raise_on_error=True)
@@ -238,11 +255,21 @@ def main(argv: list[str] | None = None) -> int:
         "--clickhouse-url", default=os.environ.get("OUTBOX_BENCH_CLICKHOUSE_URL"),
         help="a ClickHouse server to use instead of chDB in a temporary directory (its event_log tables are recreated)",
     )
+    parser.add_argument(
+        "--sentry", action="store_true",
+        help="instead: relay throughput and publish cost with Sentry tracing off and on, side by side (bench_sentry.py)",
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="with --sentry: relay runs per mode (the median is printed)")
     parser.add_argument("--run-relay-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run_relay_child:
         _relay_child()
         return 0
+    if args.sentry:
+        from outbox_pipeline.bench_sentry import run_sentry_bench
+
+        return run_sentry_bench(args.events or [100_000], batch_size=args.batch_size, repeat=args.repeat,
+                                clickhouse_url=args.clickhouse_url)
     workdir = Path(tempfile.mkdtemp(prefix="outbox-bench-"))
     try:
         database_url = os.environ.get("OUTBOX_BENCH_DATABASE_URL") or embedded_postgres_url(workdir / "postgres", delete_on_exit=True)

@@ -150,8 +150,11 @@ def cmd_relay(stores: _Stores, args: argparse.Namespace) -> int:
     with command_run_report(
         lambda: stores.outbox().counts(include_processed=False), settings=stores.settings, tags={"outbox.claimed_by": claimed_by}
     ) as report:
-        relay = Relay(stores.outbox(), _clickhouse(stores, stores.event_log), policy, claimed_by=claimed_by, on_retry=report.record_retry)
-        totals = relay.drain(max_batches=args.max_batches, on_batch=report.record_batch)
+        event_log = _clickhouse(stores, stores.event_log)
+        relay = Relay(stores.outbox(), event_log, policy, claimed_by=claimed_by, on_retry=report.record_retry)
+        # Each loaded batch continues its producers' traces (Sentry's Queues module).
+        on_loaded = report.batch_tracer(stores.outbox(), event_log.table)
+        totals = relay.drain(max_batches=args.max_batches, on_batch=report.record_batch, on_loaded=on_loaded)
     rate = totals.events_loaded / totals.seconds if totals.seconds else 0.0
     print(
         f"loaded {totals.events_loaded} events in {totals.batches} batches in {totals.seconds:.2f}s "

@@ -5,3 +5,6 @@ order (as CSV straight from COPY), the ClickHouse side inserts them in this orde
 """
 
 EVENT_COLUMNS = ("event_id", "event_type", "event_date_time", "environment", "event_context", "metadata_version")
+
+# The default relay's ClickHouse table; producers name it as their queue.publish spans' destination.
+DEFAULT_TABLE = "event_log"

@@ -71,10 +71,14 @@ class LoadResult:
     inserts: int
     seconds: float
     lease_lost: bool = False
+    # Wall-clock time (time.time()) when ClickHouse acknowledged the batch's last insert
+    finished_at: float = 0.0
 
 
 # Told of every batch a drain marked processed (the run's report counts them as they land).
 BatchCallback = Callable[[LoadResult], None]
+# Told of every batch a drain loaded, before it is marked (the run's report continues its events' traces).
+LoadedCallback = Callable[[BatchHandle, LoadResult], None]
 
 
 @dataclasses.dataclass
@@ -165,6 +169,7 @@ class Relay:
             tuple(rejected),
             inserts,
             time.perf_counter() - started,
+            finished_at=time.time(),
         )
 
     def mark(self, result: LoadResult, handle: BatchHandle) -> bool:
@@ -194,7 +199,12 @@ class Relay:
     # -- loops ------------------------------------------------------------------------------
 
     def drain(
-        self, *, max_batches: int | None = None, deadline: float | None = None, on_batch: BatchCallback | None = None
+        self,
+        *,
+        max_batches: int | None = None,
+        deadline: float | None = None,
+        on_batch: BatchCallback | None = None,
+        on_loaded: LoadedCallback | None = None,
     ) -> RunTotals:
         """Claim, load and mark until there is no work, or a limit is reached."""
         totals = RunTotals()
@@ -210,6 +220,8 @@ class Relay:
             except Exception:
                 self.release_after_failure(handle)
                 raise
+            if on_loaded is not None and not result.lease_lost:
+                on_loaded(handle, result)
             # A batch taken over by another run (our lease expired) is that run's to count.
             if self.mark(result, handle):
                 totals.add(result)

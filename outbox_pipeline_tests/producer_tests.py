@@ -5,9 +5,6 @@ import uuid
 import psycopg
 import pytest
 
-from outbox_pipeline.stores.outbox_store import OutboxStore
-from outbox_pipeline_tests.conftest import with_database
-
 from outbox_pipeline.errors import EventRejectedError
 from outbox_pipeline.events import OutboxEvent, RawEvent, snake_case
 from outbox_pipeline.producer import publish, publish_many
@@ -242,46 +239,7 @@ def test_refused_call_writes_nothing_with_psycopg2(relay_env, size):
         conn.close()
 
 
-@pytest.fixture(scope="module")
-def django_outbox_url(postgres_server_url):
-    """``django.db.connection`` on a database of its own with the outbox tables.
-
-    Django's settings can be configured once per process, so this database serves every
-    test of the module; tests look only at the event ids they published.
-    """
-    pytest.importorskip("django")
-    import django
-    from django.conf import settings
-    from django.db import connections
-
-    name = f"outbox_django_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_server_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = with_database(postgres_server_url, name)
-    store = OutboxStore.connect(url)
-    store.migrate()
-    store.close()
-    parts = psycopg.conninfo.conninfo_to_dict(url)
-    settings.configure(
-        DATABASES={
-            "default": {
-                "ENGINE": "django.db.backends.postgresql",
-                "NAME": parts["dbname"],
-                "USER": parts.get("user", ""),
-                "PASSWORD": parts.get("password", ""),
-                "HOST": parts.get("host", ""),
-                "PORT": parts.get("port", ""),
-            }
-        },
-        USE_TZ=True,
-        # Django's logging set-up would replace the handlers of every logger in this process.
-        LOGGING_CONFIG=None,
-    )
-    django.setup()
-    yield url
-    connections.close_all()
-    with psycopg.connect(postgres_server_url, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+# django_outbox_url: outbox_pipeline_tests/support/django_app.py (Django is configured once per process).
 
 
 @pytest.mark.parametrize("size", CALL_SIZES)

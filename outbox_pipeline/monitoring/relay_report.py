@@ -22,11 +22,12 @@ import sentry_sdk.metrics
 
 from outbox_pipeline import errors
 from outbox_pipeline.monitoring.crons import CronMonitor
+from outbox_pipeline.monitoring.queue_tracing import continue_batch_traces
 from outbox_pipeline.monitoring.sentry_setup import flush_sentry, init_sentry
 from outbox_pipeline.relay import LoadResult
 from outbox_pipeline.retrying import RetryNotice
 from outbox_pipeline.settings import RelaySettings
-from outbox_pipeline.stores.outbox_store import OutboxCounts
+from outbox_pipeline.stores.outbox_store import BatchHandle, OutboxCounts, OutboxStore
 
 RELAY_JOB = "process_outbox_events"
 TRANSACTION_OP = "process_events"
@@ -143,6 +144,26 @@ class RelayRunReport:
         self.add_data(retry_attempts=1)
         self.count("outbox.retry_attempts")
         sentry_sdk.add_breadcrumb(category="outbox.retry", level="warning", message=notice.message)
+
+    def trace_batch(self, outbox: OutboxStore, handle: BatchHandle, result: LoadResult, *, destination: str) -> int:
+        """Continue the producers' traces of a sample of a loaded batch's events (queue_tracing); returns how many.
+
+        Raises what went wrong (the callers log it): a run never fails because of it.
+        """
+        return continue_batch_traces(outbox, handle, result, destination=destination)
+
+    def batch_tracer(
+        self, outbox: OutboxStore, destination: str, warn: Callable[[str], None] | None = None
+    ) -> Callable[[BatchHandle, LoadResult], None]:
+        """``Relay.drain(on_loaded=...)``: trace each loaded batch, a failure to do so being one warning."""
+
+        def trace(handle: BatchHandle, result: LoadResult) -> None:
+            try:
+                self.trace_batch(outbox, handle, result, destination=destination)
+            except Exception as exc:
+                (warn or _warn_on_stderr)(f"could not continue the traces of batch {handle.batch_id} in Sentry: {one_line(exc)}")
+
+        return trace
 
 
 def _warn_on_stderr(message: str) -> None:

@@ -38,7 +38,7 @@ from outbox_pipeline.monitoring.sentry_setup import SentrySettings, flush_sentry
 from outbox_pipeline.relay import LoadResult
 from outbox_pipeline.retrying import RetryNotice
 from outbox_pipeline.settings import RelaySettings
-from outbox_pipeline.stores.outbox_store import OutboxCounts
+from outbox_pipeline.stores.outbox_store import BatchHandle, OutboxCounts, OutboxStore
 
 # Run tags written by the monitor (visible in the Dagster UI, read by the run-failure sensor).
 TRACE_ID_TAG = "outbox_pipeline/sentry_trace_id"
@@ -238,6 +238,22 @@ class RelayRunMonitor(dg.ConfigurableResource):
 
     def record_batch(self, result: LoadResult) -> None:
         self._report.record_batch(result)
+
+    def trace_batch(self, outbox: OutboxStore, handle: BatchHandle, result: LoadResult, *, destination: str) -> None:
+        """Continue the producers' traces of a loaded batch's sampled events (Sentry's Queues module).
+
+        Only while Sentry is on for this run; a failure is a warning in the run log, never the step's.
+        """
+        if self._silent or not self._active:
+            return
+        try:
+            self._report.trace_batch(outbox, handle, result, destination=destination)
+        except Exception as exc:
+            dg.get_dagster_logger().warning(f"could not continue the traces of batch {handle.batch_id} in Sentry: {one_line(exc)}")
+
+    def batch_tracer(self, outbox: OutboxStore, destination: str):
+        """``Relay.drain(on_loaded=...)`` for runs that drain (the low-latency mode)."""
+        return lambda handle, result: self.trace_batch(outbox, handle, result, destination=destination)
 
     def on_retry(self, notice: RetryNotice) -> None:
         """Callback for the relay's transient-error retries: a warning in the run log, a breadcrumb, a count."""

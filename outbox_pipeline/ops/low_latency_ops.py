@@ -56,13 +56,14 @@ def relay_continuously(
         store, clickhouse.store(), outbox.policy(config.batch_size),
         claimed_by=context.run_id, on_retry=monitor.on_retry,
     )
+    on_loaded = monitor.batch_tracer(store, clickhouse.table)
     totals = RunTotals()
     deadline = time.monotonic() + config.max_seconds
     with connect_postgres(outbox.resolved_url(), application_name="outbox_pipeline listener") as listener:
         listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
         while time.monotonic() < deadline:
             started = time.monotonic()
-            drained = relay.drain(deadline=deadline, on_batch=monitor.record_batch)
+            drained = relay.drain(deadline=deadline, on_batch=monitor.record_batch, on_loaded=on_loaded)
             totals.batches += drained.batches
             totals.events_loaded += drained.events_loaded
             totals.events_rejected += drained.events_rejected

@@ -135,6 +135,8 @@ def load_batch(
         if not relay.release_after_failure(handle):
             context.log.warning(f"could not release batch {handle.batch_id}; it is retaken when its lease expires")
         raise
+    # Before the mark, which forgets the retry counts of delivered retries.
+    monitor.trace_batch(relay.outbox, handle, result, destination=clickhouse.table)
     for event in result.rejected:
         context.log.warning(f"ClickHouse rejected event {event.event_id}: {event.error[:500]}")
     monitor.distribution("outbox.batch_processing_time", result.seconds, unit="second")

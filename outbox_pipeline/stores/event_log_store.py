@@ -21,10 +21,9 @@ import re
 import uuid
 
 from outbox_pipeline.errors import ConfigurationError
-from outbox_pipeline.event_columns import EVENT_COLUMNS
+from outbox_pipeline.event_columns import DEFAULT_TABLE, EVENT_COLUMNS
 from outbox_pipeline.stores.clickhouse_connection import close_clickhouse_client, open_clickhouse_client
 
-DEFAULT_TABLE = "event_log"
 DEDUPLICATION_WINDOW = 10_000
 _IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
 _TABLE_NAME = re.compile(rf"({_IDENTIFIER})(?:\.({_IDENTIFIER}))?")

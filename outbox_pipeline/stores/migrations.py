@@ -8,7 +8,10 @@ the missing ones (``outbox-pipeline init``):
 * holds a session-level advisory lock for the whole upgrade, so two ``init`` at
   once take turns and the second finds nothing left to do;
 * runs each file in its own transaction together with recording its version, so
-  an interrupted upgrade stops between versions, never inside one.
+  an interrupted upgrade stops between versions, never inside one;
+* runs a file again, after a pause, when it gave up waiting for a lock (a file that
+  needs an exclusive lock on the outbox sets a short ``lock_timeout``, so producers
+  never queue behind it for long), and stops with one line after many tries.
 
 Relays check the version before their first statement and refuse to work on a
 database that is behind (or ahead of) this release.
@@ -17,15 +20,19 @@ database that is behind (or ahead of) this release.
 from __future__ import annotations
 
 import re
+import time
 from importlib import resources
 
 import psycopg
 
-from outbox_pipeline.errors import SchemaMissingError, SchemaOutdatedError
+from outbox_pipeline.errors import SchemaMissingError, SchemaOutdatedError, StoreUnavailableError
 
 # The key `init` has always locked, so an older release's `init` and this one take turns too.
 ADVISORY_LOCK_KEY = 7245100101
 _FILE_NAME = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
+# A version that gave up waiting for a lock is tried again this often, this long apart (about a minute).
+LOCK_ATTEMPTS = 60
+LOCK_RETRY_PAUSE_SECONDS = 1.0
 
 
 def migration_files() -> list[tuple[int, str, str]]:
@@ -53,22 +60,39 @@ def applied_versions(conn: psycopg.Connection) -> list[int]:
     return [row[0] for row in conn.execute("SELECT version FROM outbox_schema_version ORDER BY version").fetchall()]
 
 
-def apply_migrations(conn: psycopg.Connection) -> list[int]:
-    """Bring the database to LATEST_VERSION; returns the versions applied now (empty if none was missing)."""
+def apply_migrations(conn: psycopg.Connection, *, up_to: int | None = None) -> list[int]:
+    """Bring the database to LATEST_VERSION (or ``up_to``); returns the versions applied now (empty if none was missing)."""
     conn.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
     try:
         done = set(applied_versions(conn))  # read under the lock: another `init` may just have finished
         applied = []
-        for version, _, sql in migration_files():
-            if version in done:
+        for version, name, sql in migration_files():
+            if version in done or (up_to is not None and version > up_to):
                 continue
-            with conn.transaction():
-                conn.execute(sql)
-                conn.execute("INSERT INTO outbox_schema_version (version) VALUES (%s) ON CONFLICT DO NOTHING", (version,))
+            _apply(conn, version, name, sql)
             applied.append(version)
         return applied
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK_KEY,))
+
+
+def _apply(conn: psycopg.Connection, version: int, name: str, sql: str) -> None:
+    for attempt in range(1, LOCK_ATTEMPTS + 1):
+        try:
+            with conn.transaction():
+                conn.execute(sql)
+                conn.execute("INSERT INTO outbox_schema_version (version) VALUES (%s) ON CONFLICT DO NOTHING", (version,))
+            return
+        except psycopg.errors.LockNotAvailable:
+            # Rolled back whole: nothing of this version is left behind. Producers ran on meanwhile.
+            if attempt == LOCK_ATTEMPTS:
+                raise StoreUnavailableError(
+                    f"upgrading the outbox to schema version {version} ({name}) needs a brief lock on the outbox table, "
+                    f"and transactions that hold it kept it for {LOCK_ATTEMPTS} tries in a row; nothing of version {version} "
+                    "was applied: find them with `SELECT pid, xact_start, state, query FROM pg_stat_activity "
+                    "WHERE xact_start IS NOT NULL ORDER BY xact_start` and run `outbox-pipeline init` again"
+                ) from None
+            time.sleep(LOCK_RETRY_PAUSE_SECONDS)
 
 
 def check_version(conn: psycopg.Connection, where: str) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import psycopg
 
 from outbox_pipeline.stores import batches, migrations, replay_retention, reporting
-from outbox_pipeline.stores.batches import BatchHandle, RejectedEvent
+from outbox_pipeline.stores.batches import BatchHandle, RejectedEvent, TracedEvent
 from outbox_pipeline.stores.migrations import NOTIFY_CHANNEL
 from outbox_pipeline.stores.postgres_connection import connect_postgres, describe_postgres_url
 from outbox_pipeline.stores.producer_sql import COPY_EVENTS_IN, INSERT_EVENT
@@ -30,6 +30,7 @@ from outbox_pipeline.stores.reporting import OutboxCounts
 # Importable from here as before the split (producer.py, ops, tests).
 __all__ = [
     "COPY_EVENTS_IN", "INSERT_EVENT", "NOTIFY_CHANNEL", "BatchHandle", "OutboxCounts", "OutboxStore", "RejectedEvent",
+    "TracedEvent",
 ]
 
 
@@ -138,6 +139,21 @@ class OutboxStore:
         self, handle: BatchHandle, rejected: Sequence[RejectedEvent], *, max_attempts: int, retry_base_seconds: float
     ) -> bool:
         return batches.complete_batch(self.conn, handle, rejected, max_attempts=max_attempts, retry_base_seconds=retry_base_seconds)
+
+    def read_trace_sample(
+        self,
+        handle: BatchHandle,
+        *,
+        rejected_outbox_ids: Sequence[int],
+        sample_size: int,
+        examined_rows: int,
+        retried_limit: int,
+    ) -> list[TracedEvent]:
+        """The traced events of a loaded batch whose traces are continued (before it is marked: retry counts)."""
+        return batches.read_trace_sample(
+            self.conn, handle, rejected_outbox_ids=rejected_outbox_ids, sample_size=sample_size,
+            examined_rows=examined_rows, retried_limit=retried_limit,
+        )
 
     def requeue_failed(self, *, event_ids: Sequence[str] = (), event_type: str | None = None, all_failed: bool = False) -> int:
         return batches.requeue_failed(

@@ -16,8 +16,10 @@ from importlib import resources
 
 import psycopg
 import pytest
+import sentry_sdk
 
-from outbox_pipeline.errors import SchemaMissingError, SchemaOutdatedError
+from outbox_pipeline import producer
+from outbox_pipeline.errors import SchemaMissingError, SchemaOutdatedError, StoreUnavailableError
 from outbox_pipeline.events import RawEvent
 from outbox_pipeline.producer import publish_many
 from outbox_pipeline.relay import Relay, RelayPolicy
@@ -95,8 +97,8 @@ def test_a_release_v1_database_is_upgraded_in_place_and_every_event_is_delivered
 
     upgraded_at = dt.datetime.now(dt.timezone.utc)
     store = OutboxStore.connect(url)
-    assert store.migrate() == [2]
-    assert [version for version, _ in versions(url)] == [1, 2] == [1, migrations.LATEST_VERSION]
+    assert store.migrate() == [2, 3]
+    assert [version for version, _ in versions(url)] == [1, 2, 3] == list(range(1, migrations.LATEST_VERSION + 1))
 
     # In place: the same counts, cursor and installation for the default relay.
     after = store.counts()
@@ -195,4 +197,124 @@ def test_a_relay_on_an_empty_database_says_to_run_init(outbox_database_url):
     store = OutboxStore.connect(outbox_database_url)
     with pytest.raises(SchemaMissingError, match=r"run `outbox-pipeline init` first$"):
         store.counts()
+    store.close()
+
+
+# -- version 3: the trace headers ----------------------------------------------------------------
+
+
+def version_2_database(url: str) -> None:
+    """A database of the release before version 3 (the shipped files 0001 and 0002, which never change)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert migrations.apply_migrations(conn, up_to=2) == [1, 2]
+
+
+def migrate(url: str) -> list[int]:
+    store = OutboxStore.connect(url)
+    try:
+        return store.migrate()
+    finally:
+        store.close()
+
+
+def trace_headers(url: str, events: list[RawEvent]) -> list[tuple]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT sentry_trace, sentry_baggage FROM outbox WHERE event_id = ANY(%s) ORDER BY id", ([e.event_id for e in events],)
+        ).fetchall()
+    assert len(rows) == len(events)
+    return rows
+
+
+def test_a_producer_deployed_before_the_upgrade_publishes_without_trace_headers_and_stores_them_after_it(
+    outbox_database_url, sentry_recorder, monkeypatch
+):
+    url = outbox_database_url
+    version_2_database(url)
+    sentry_sdk.init(dsn=sentry_recorder.dsn, traces_sample_rate=1.0, default_integrations=False)
+    # Missing columns are looked for again at each publish (normally after a minute).
+    monkeypatch.setattr(producer, "_RECHECK_MISSING_COLUMNS_SECONDS", 0.0)
+    before, after = [RawEvent(event_type="order_paid", context="{}")], [RawEvent(event_type="order_paid", context="{}")]
+
+    with psycopg.connect(url) as conn:
+        with sentry_sdk.start_transaction(op="http.server", name="POST /checkout"):
+            publish_many(conn, before)  # the columns are not there yet: published without them
+        conn.commit()
+        assert migrate(url) == [3]
+        with sentry_sdk.start_transaction(op="http.server", name="POST /checkout") as transaction:
+            publish_many(conn, after)  # the same connection finds them now
+        conn.commit()
+
+    assert trace_headers(url, before) == [(None, None)]
+    [(sentry_trace, baggage)] = trace_headers(url, after)
+    assert sentry_trace.startswith(f"{transaction.trace_id}-") and f"sentry-trace_id={transaction.trace_id}" in baggage
+    sentry_sdk.flush()
+    publish_spans = [s for t in sentry_recorder.wait_for(lambda r: len(r.payloads("transaction")) == 2 and r.payloads("transaction"))
+                     for s in t["spans"] if s["op"] == "queue.publish"]
+    assert len(publish_spans) == 2  # a span either way
+
+
+def test_a_version_2_database_is_upgraded_while_producers_write_and_every_event_is_delivered_once(
+    outbox_database_url, clickhouse_url, monkeypatch
+):
+    url = outbox_database_url
+    version_2_database(url)
+    monkeypatch.setattr(migrations, "LOCK_RETRY_PAUSE_SECONDS", 0.2)
+    pending = publish(url, "order_paid", 20)
+    # A producer transaction that has written to the outbox stays open across the upgrade's start.
+    holder = psycopg.connect(url)
+    held = [RawEvent(event_type="order_paid", context='{"held": true}')]
+    publish_many(holder, held)
+    outcome: list = []
+    upgrade = threading.Thread(target=lambda: outcome.append(migrate(url)))
+    upgrade.start()
+    time.sleep(0.5)  # the upgrade is waiting for the holder, trying again and again
+
+    # Meanwhile other producers are held up at most one lock wait (100 ms), never until the holder ends
+    # (this one would give up after 3 s queued behind the upgrade's lock).
+    started = time.monotonic()
+    written_meanwhile = [RawEvent(event_type="order_paid", context="{}") for _ in range(5)]
+    with psycopg.connect(url, options="-c lock_timeout=3000") as producer_conn:
+        publish_many(producer_conn, written_meanwhile)
+    assert time.monotonic() - started < 1.0
+    assert upgrade.is_alive() and outcome == []
+    holder.commit()
+    holder.close()
+    upgrade.join(timeout=30)
+
+    assert outcome == [[3]]
+    assert [version for version, _ in versions(url)] == [1, 2, 3]
+    store = OutboxStore.connect(url)
+    assert store.counts().pending == 26
+    with event_log_store(clickhouse_url) as event_log:
+        event_log.migrate()
+        totals = Relay(store, event_log, RelayPolicy(batch_size=10, retry=FAST_RETRIES), claimed_by="after-upgrade").drain()
+        assert totals.events_loaded == 26
+        assert event_log.counts() == (26, 26)
+        assert {row["event_id"] for row in event_log.rows_for([str(e.event_id) for e in pending + held + written_meanwhile])} == {
+            str(e.event_id) for e in pending + held + written_meanwhile
+        }
+    assert set(trace_headers(url, pending + held + written_meanwhile)) == {(None, None)}
+    store.close()
+
+
+def test_an_upgrade_that_cannot_get_its_lock_gives_up_in_one_line_and_changes_nothing(outbox_database_url, monkeypatch):
+    url = outbox_database_url
+    version_2_database(url)
+    monkeypatch.setattr(migrations, "LOCK_ATTEMPTS", 3)
+    monkeypatch.setattr(migrations, "LOCK_RETRY_PAUSE_SECONDS", 0.05)
+    holder = psycopg.connect(url)
+    publish_many(holder, [RawEvent(event_type="order_paid", context="{}")])
+
+    store = OutboxStore.connect(url)
+    with pytest.raises(StoreUnavailableError) as raised:
+        store.migrate()
+    message = str(raised.value)
+    assert "schema version 3 (0003_trace_headers.sql)" in message and "run `outbox-pipeline init` again" in message
+    assert "\n" not in message
+    assert [version for version, _ in versions(url)] == [1, 2]
+
+    holder.commit()
+    holder.close()
+    assert store.migrate() == [3]
     store.close()
