@@ -24,12 +24,16 @@ def test_env_example_lists_every_variable_and_no_other():
 
 
 def test_no_module_reads_the_environment_but_settings():
-    # Ops, sensors, resources and monitoring get their settings handed to them.
-    allowed = {"settings.py", "bench.py", "bench_latency.py", "bench_steady.py", "component.py", "scrubbing.py", "sentry_setup.py"}
+    # Ops, sensors, resources and monitoring get their settings handed to them. The benchmarks set up
+    # stores of their own; a component checks that the variables its YAML names are set; the scrubber
+    # redacts whatever the secret variables hold now.
+    allowed = {"settings.py", "component.py", "scrubbing.py", "sentry_setup.py"}
     readers = [
         str(path.relative_to(ROOT))
         for path in (ROOT / "outbox_pipeline").rglob("*.py")
-        if path.name not in allowed and re.search(r"os\.environ|os\.getenv", path.read_text())
+        if path.name not in allowed
+        and not path.name.startswith("bench")
+        and re.search(r"os\.environ|os\.getenv", path.read_text())
     ]
     assert readers == []
 
