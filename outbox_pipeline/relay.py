@@ -191,6 +191,10 @@ class Relay:
             return False  # its lease frees it
         return True
 
+    def has_pending_work(self) -> bool:
+        """Whether a claim would find something: one read-only query, retried like the others."""
+        return self._postgres("looking for pending events", self.outbox.has_pending_work)
+
     # -- loops ------------------------------------------------------------------------------
 
     def drain(

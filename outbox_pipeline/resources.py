@@ -39,6 +39,11 @@ class OutboxDatabaseResource(dg.ConfigurableResource):
     max_event_attempts: int = 5
     event_retry_base_seconds: float = 30.0
     retention_days: int = 30
+    follow_seconds: float = Field(default=1200.0, description="How long a run keeps relaying new events after its backlog.")
+    follow_quiet_seconds: float = 60.0
+    follow_interval_seconds: float = 2.0
+    materialization_window_seconds: float = 300.0
+    freshness_max_lag_seconds: float = 300.0
 
     _store: OutboxStore | None = PrivateAttr(default=None)
     _prefetcher: BatchPrefetcher | None = PrivateAttr(default=None)
@@ -128,3 +133,18 @@ class ClickHouseResource(dg.ConfigurableResource):
         if self._store is not None:
             self._store.close()
             self._store = None
+
+
+class RunHistoryResource(dg.ConfigurableResource):
+    """Which of Dagster's own records belong to one relay, and how long they are kept (see run_history.py)."""
+
+    job_names: list[str] = Field(description="The relay's frequent jobs, whose old runs are deleted.")
+    asset_key: list[str] = Field(default=["event_log"], description="The asset whose hourly rollups are recorded.")
+    run_retention_hours: float = Field(default=24.0, description="Successful runs are deleted after this (OUTBOX_RUN_RETENTION_HOURS).")
+    failed_run_retention_days: float = Field(
+        default=30.0, description="Failed and canceled runs are deleted after this (OUTBOX_FAILED_RUN_RETENTION_DAYS)."
+    )
+
+    @property
+    def asset(self) -> dg.AssetKey:
+        return dg.AssetKey(self.asset_key)

@@ -1,4 +1,6 @@
-"""Ops of ``process_outbox_events``: extract batches, load each into ClickHouse, mark each processed.
+"""Ops of ``process_outbox_events``: extract batches, load each into ClickHouse, mark each processed, report.
+
+The run then follows the stream (ops/follow_ops.py) before it ends.
 
 Only small handles travel between ops (through the IO manager); the rows go
 straight from PostgreSQL's COPY into the ClickHouse insert inside ``load_batch``.
@@ -11,6 +13,7 @@ import dagster as dg
 
 from outbox_pipeline.errors import ConfigurationError, StoreBusyError
 from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor
+from outbox_pipeline.ops.event_log_events import relay_asset_events, relay_metadata
 from outbox_pipeline.relay import LoadResult, Relay
 from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
 from outbox_pipeline.retrying import call_with_retries, is_transient
@@ -167,31 +170,32 @@ def mark_batch_processed(
     )
 
 
-@dg.op(description="Record what the run did as metadata of the event_log asset.")
+@dg.op(description="Record what the run did with its backlog on the event_log asset, with the checks' evaluations.")
 def report_relay_run(
     context: dg.OpExecutionContext,
     batches: list[MarkedBatch],
     outbox: OutboxDatabaseResource,
     clickhouse: ClickHouseResource,
     monitor: RelayRunMonitor,
-) -> dg.Output[dict]:
+):
     stats = context.instance.get_run_stats(context.run_id)
-    duration = max(time.time() - (stats.start_time or time.time()), 1e-6)
+    started = stats.start_time or time.time()
     loaded = sum(b.loaded_rows for b in batches)
     counts = outbox.store().counts(include_processed=False)
-    lag = counts.oldest_pending_age_seconds or 0.0
     monitor.record_queue_after(counts)
-    metadata = {
-        "events_loaded": dg.MetadataValue.int(loaded),
-        "events_rejected": dg.MetadataValue.int(sum(b.rejected_rows for b in batches)),
-        "batches": dg.MetadataValue.int(sum(1 for b in batches if b.marked)),
-        "batches_released": dg.MetadataValue.int(sum(1 for b in batches if b.released)),
-        "duration_seconds": dg.MetadataValue.float(round(duration, 3)),
-        "events_per_second": dg.MetadataValue.float(round(loaded / duration, 1)),
-        "queue_size": dg.MetadataValue.int(counts.pending),
-        "oldest_pending_age_seconds": dg.MetadataValue.float(round(lag, 3)),
-        "failed_events": dg.MetadataValue.int(counts.failed),
-    }
+    metadata = relay_metadata(
+        events_loaded=loaded,
+        events_rejected=sum(b.rejected_rows for b in batches),
+        batches=sum(1 for b in batches if b.marked),
+        batches_released=sum(1 for b in batches if b.released),
+        seconds=time.time() - started,
+        counts=counts,
+    )
     if loaded:
-        context.log_event(dg.AssetMaterialization(asset_key=clickhouse.asset, metadata=metadata))
-    return dg.Output({key: value.value for key, value in metadata.items()}, metadata=metadata)
+        relay = build_relay(context, outbox, monitor)
+        yield from relay_asset_events(
+            clickhouse.asset, metadata, description=f"{loaded} events of the backlog", counts=counts,
+            max_lag_seconds=outbox.freshness_max_lag_seconds, event_log=connect_event_log(clickhouse, relay, monitor),
+            loaded_since=started,
+        )
+    yield dg.Output({key: value.value for key, value in metadata.items()}, metadata=metadata)
