@@ -145,15 +145,21 @@ def _relay_child() -> None:
     import dagster as dg
 
     logging.disable(logging.CRITICAL)
-    from outbox_pipeline.definitions import build_resources
-    from outbox_pipeline.jobs import process_outbox_events
+    from outbox_pipeline.definitions import build_resources, defs
 
+    job = defs.resolve_job_def("process_outbox_events")
     with dg.instance_for_test() as instance:
         started = time.perf_counter()
-        run = process_outbox_events.execute_in_process(instance=instance, resources=build_resources(), raise_on_error=True)
+        run = job.execute_in_process(
+            instance=instance, resources=build_resources(), raise_on_error=True,
+            # One run over the backlog: it ends with it instead of following the (absent) stream.
+            run_config={"ops": {"follow_outbox": {"config": {"follow_seconds": 0}}}},
+        )
         seconds = time.perf_counter() - started
+        stats = instance.get_run_stats(run.run_id)
     summary = run.output_for_node("report_relay_run")
     print(json.dumps({"rows": summary["events_loaded"], "batches": summary["batches"], "seconds": seconds,
+                      "run_seconds": stats.end_time - stats.start_time,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -193,10 +199,12 @@ def run_table(database_url: str, clickhouse_url: str, events: int, batch_size: i
     with clickhouse_client(clickhouse_url, busy_wait_seconds=30) as client:
         rows, distinct = client.query("SELECT count(), uniqExact(event_id) FROM event_log").result_rows[0]
     rate = lambda m: m["rows"] / m["seconds"]
+    # The run's time as Dagster records it (RUN_START to RUN_SUCCESS); the call also starts the instance.
+    relay_eps = relay["rows"] / relay["run_seconds"]
     return {
         "events": events, "load_seconds": load_seconds,
-        "relay_eps": rate(relay), "limit_eps": rate(limit), "naive_eps": rate(naive),
-        "relay_over_limit": rate(relay) / rate(limit), "relay_over_naive": rate(relay) / rate(naive),
+        "relay_eps": relay_eps, "relay_call_eps": rate(relay), "limit_eps": rate(limit), "naive_eps": rate(naive),
+        "relay_over_limit": relay_eps / rate(limit), "relay_over_naive": relay_eps / rate(naive),
         "relay_peak_rss_mb": relay["peak_rss_mb"], "relay_batches": relay["batches"],
         "outbox_total_mb": stats["total_bytes"] / 2**20, "outbox_index_mb": stats["index_bytes"] / 2**20,
         "dead_tuples": stats["dead_tuples"], "clickhouse_rows": int(rows), "clickhouse_distinct": int(distinct),
@@ -206,7 +214,8 @@ def run_table(database_url: str, clickhouse_url: str, events: int, batch_size: i
 def print_table(results: list[dict]) -> None:
     header = ["", *[f"N = {r['events']:,}" for r in results]]
     lines = [
-        ("relay (process_outbox_events), events/s", "relay_eps", "{:,.0f}"),
+        ("relay (process_outbox_events, run time as Dagster records it), events/s", "relay_eps", "{:,.0f}"),
+        ("relay, whole execute_in_process call, events/s", "relay_call_eps", "{:,.0f}"),
         ("practical limit (COPY -> insert, overlapped), events/s", "limit_eps", "{:,.0f}"),
         (f"naive relay (1 insert + 1 UPDATE per event, {NAIVE_SAMPLE:,} sample), events/s", "naive_eps", "{:,.0f}"),
         ("relay / limit", "relay_over_limit", "{:.2f}"),

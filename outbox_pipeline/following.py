@@ -4,7 +4,9 @@ A run that has drained its backlog keeps relaying while events keep arriving:
 every ``interval_seconds`` it looks for pending work (one read-only query) and,
 when there is some, drains it through the very same claim / load / mark as every
 other run, so the exactly-once guarantee and the lease takeover of a dead run
-are unchanged. It ends by itself once no event arrived for ``quiet_seconds``,
+are unchanged. Between two looks it may let go of its destination (``on_pause``)
+and take it back before the next drain (``ready``), as the embedded ClickHouse
+requires when another process waits for it. It ends by itself once no event arrived for ``quiet_seconds``,
 after ``follow_seconds`` in all, or when ``should_stop`` says so; the sensor
 starts the next run when work is pending again.
 
@@ -77,6 +79,8 @@ class Follower:
         limits: FollowLimits,
         *,
         should_stop: Callable[[], str | None] = lambda: None,
+        ready: Callable[[], bool] = lambda: True,
+        on_pause: Callable[[], None] = lambda: None,
         on_batch: BatchCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -85,6 +89,8 @@ class Follower:
         self.relay = relay
         self.limits = limits
         self.should_stop = should_stop
+        self.ready = ready
+        self.on_pause = on_pause
         self.on_batch = on_batch
         self.clock = clock
         self.wall_clock = wall_clock
@@ -106,13 +112,17 @@ class Follower:
             tick = self.clock()
             ended = self._why_end(tick, deadline, last_event)
             if ended is None and self.relay.has_pending_work():
-                drained = self.relay.drain(deadline=deadline, on_batch=self.on_batch)
-                for period in (since_last, self.open_window, self.total):
-                    period.add(drained)
-                if drained.batches:
-                    last_event = self.clock()
+                if self.ready():
+                    drained = self.relay.drain(deadline=deadline, on_batch=self.on_batch)
+                    for period in (since_last, self.open_window, self.total):
+                        period.add(drained)
+                    if drained.batches:
+                        last_event = self.clock()
+                else:
+                    last_event = self.clock()  # events wait for the destination: the stream is not quiet
             now = self.clock()
             if ended is None and now - last_update < update_every:
+                self.on_pause()
                 # Sleep to the next look, never past the moment following would end anyway.
                 wake = min(tick + limits.interval_seconds, deadline, last_event + limits.quiet_seconds)
                 self.sleep(max(0.0, wake - now))

@@ -37,7 +37,7 @@ def relay_run_tags(instance: RelayInstance) -> dict[str, str]:
 )
 def relay_graph():
     claimed = extract_outbox_batches()
-    marked = claimed.map(lambda batch: mark_batch_processed(batch, load_batch(batch)))
+    marked = claimed.map(lambda batch: mark_batch_processed(load_batch(batch)))
     follow_outbox(report_relay_run(marked.collect()))
 
 

@@ -7,6 +7,7 @@ The resources carry everything ops need, so ops never read the environment.
 """
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from pydantic import Field, PrivateAttr
 from outbox_pipeline.prefetch import BatchPrefetcher
 from outbox_pipeline.relay import RelayPolicy
 from outbox_pipeline.retrying import BackoffPolicy
-from outbox_pipeline.stores.clickhouse_connection import chdb_path
+from outbox_pipeline.stores.clickhouse_connection import chdb_directory_wanted, chdb_path
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import OutboxStore
 from outbox_pipeline.stores.relay_identity import RelayIdentity
@@ -115,6 +116,8 @@ class ClickHouseResource(dg.ConfigurableResource):
     busy_wait_seconds: float = 30.0
 
     _store: EventLogStore | None = PrivateAttr(default=None)
+    # The run's steps and the thread that inserts batches ahead share one connection, opened once.
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     @property
     def asset(self) -> dg.AssetKey:
@@ -124,15 +127,30 @@ class ClickHouseResource(dg.ConfigurableResource):
     def is_embedded(self) -> bool:
         return chdb_path(self.url) is not None
 
-    def store(self) -> EventLogStore:
-        if self._store is None:
-            self._store = EventLogStore.connect(self.url, table=self.table, busy_wait_seconds=self.busy_wait_seconds)
-        return self._store
+    def store(self, busy_wait_seconds: float | None = None) -> EventLogStore:
+        """The run's connection, opened on first use (waiting ``busy_wait_seconds`` for a busy chDB directory)."""
+        with self._lock:
+            if self._store is None:
+                self._store = self._connect(self.busy_wait_seconds if busy_wait_seconds is None else busy_wait_seconds)
+            return self._store
+
+    def _connect(self, busy_wait_seconds: float) -> EventLogStore:
+        return EventLogStore.connect(self.url, table=self.table, busy_wait_seconds=busy_wait_seconds)
+
+    @property
+    def wanted_elsewhere(self) -> bool:
+        """Another process waits for the embedded ClickHouse directory this run holds."""
+        return self._store is not None and chdb_directory_wanted(self.url)
+
+    def release(self) -> None:
+        """Close the connection (for chDB: let go of the directory); ``store()`` opens it again."""
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        self.release()
 
 
 class RunHistoryResource(dg.ConfigurableResource):

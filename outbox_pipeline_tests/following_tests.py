@@ -4,8 +4,13 @@ Real stores throughout: a producer thread commits events into the PostgreSQL out
 while ``process_outbox_events`` runs in process against chDB.
 """
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import dagster as dg
 
@@ -102,3 +107,28 @@ def test_follow_seconds_zero_ends_the_run_with_its_backlog(relay_env):
     assert result.success and time.monotonic() - started < 20
     assert result.output_for_node("follow_outbox")["drains"] == 0
     assert result.output_for_node("report_relay_run")["events_loaded"] == 10
+
+
+def test_a_command_reads_the_embedded_clickhouse_while_a_run_follows_the_stream(relay_env, outbox):
+    url = relay_env["OUTBOX_DATABASE_URL"]
+    publish_raw(url, 30)
+    outcome = {}
+    run = threading.Thread(
+        target=lambda: outcome.update(result=run_relay(follow={"follow_seconds": 60, **FAST, "quiet_seconds": 10})),
+        daemon=True,
+    )
+    run.start()
+    time.sleep(2)  # the run now follows, holding the chDB directory
+    # `outbox-pipeline status` in another process waits for the directory; the run lets go between two loads.
+    status = subprocess.run(
+        [str(Path(sys.executable).parent / "outbox-pipeline"), "status", "--json"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "OUTBOX_CLICKHOUSE_BUSY_WAIT_SECONDS": "4"},
+    )
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["clickhouse_rows"] == 30
+    publish_raw(url, 20, start=30)  # the run takes the directory back and relays these too
+    run.join(timeout=60)
+    result = outcome["result"]
+    assert result.success and result.output_for_node("follow_outbox")["ended"] == "quiet"
+    with event_log_store(relay_env["CLICKHOUSE_URL"]) as event_log:
+        assert event_log.counts() == (50, 50)

@@ -15,14 +15,17 @@ import datetime as dt
 import dagster as dg
 from pydantic import Field
 
+from outbox_pipeline.errors import StoreBusyError
 from outbox_pipeline.following import ENDED_MAXIMUM, ENDED_QUIET, Follower, FollowLimits, Period
 from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor
 from outbox_pipeline.ops.event_log_events import relay_asset_events, relay_metadata
 from outbox_pipeline.ops.relay_ops import build_relay, connect_event_log
 from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
-from outbox_pipeline.run_limits import shared_ops_pool
+from outbox_pipeline.run_limits import clickhouse_run_tags, shared_ops_pool
 
 ENDED_QUEUED_RUN = "a queued run waits for the embedded ClickHouse"
+# The job Dagster builds for *Execute checks* / *Materialize* on the asset page.
+IMPLICIT_ASSET_JOB = "__ASSET_JOB"
 ENDED_NOT_FOLLOWING = "not following (follow_seconds is 0)"
 
 
@@ -52,6 +55,16 @@ class FollowConfig(dg.Config):
             interval_seconds=self.interval_seconds or outbox.follow_interval_seconds,
             window_seconds=self.window_seconds or outbox.materialization_window_seconds,
         )
+
+
+def runs_waiting_for_embedded_clickhouse(instance: dg.DagsterInstance) -> bool:
+    """Queued runs that wait for the embedded ClickHouse: our tagged jobs, and *Execute checks* on the asset page
+    (Dagster's implicit asset job, held back by the checks' pool)."""
+    queued = [dg.DagsterRunStatus.QUEUED]
+    return bool(
+        instance.get_run_records(dg.RunsFilter(statuses=queued, tags=clickhouse_run_tags(True)), limit=1)
+        or instance.get_run_records(dg.RunsFilter(statuses=queued, job_name=IMPLICIT_ASSET_JOB), limit=1)
+    )
 
 
 def _utc(timestamp: float) -> str:
@@ -87,9 +100,7 @@ def follow_outbox(
 
     def should_stop() -> str | None:
         # Only one run can open the embedded ClickHouse: a run queued behind this one must not wait for its end.
-        if clickhouse.is_embedded and context.instance.get_run_records(
-            dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED]), limit=1
-        ):
+        if clickhouse.is_embedded and runs_waiting_for_embedded_clickhouse(context.instance):
             return ENDED_QUEUED_RUN
         return None
 
@@ -104,11 +115,31 @@ def follow_outbox(
             clickhouse.asset, metadata,
             description=f"{window.events_loaded} events loaded from {_utc(window.started_at)} to {_utc(window.ended_at)} UTC "
             "while following the stream",
-            counts=counts, max_lag_seconds=outbox.freshness_max_lag_seconds, event_log=relay.event_log,
+            counts=counts, max_lag_seconds=outbox.freshness_max_lag_seconds, event_log=event_log(),
             loaded_since=window.started_at,
         )
 
-    follower = Follower(relay, limits, should_stop=should_stop, on_batch=monitor.record_batch)
+    def event_log():
+        if relay.event_log is None:
+            relay.event_log = clickhouse.store()
+        return relay.event_log
+
+    def ready() -> bool:
+        # Taken back after another process had it (see on_pause); still busy: the next look tries again.
+        if relay.event_log is None:
+            try:
+                relay.event_log = clickhouse.store(busy_wait_seconds=0)
+            except StoreBusyError:
+                return False
+        return True
+
+    def on_pause() -> None:
+        # A command (`outbox-pipeline status`) waits for the embedded ClickHouse directory this run holds.
+        if clickhouse.wanted_elsewhere:
+            clickhouse.release()
+            relay.event_log = None
+
+    follower = Follower(relay, limits, should_stop=should_stop, ready=ready, on_pause=on_pause, on_batch=monitor.record_batch)
     started_at = dt.datetime.now(dt.timezone.utc)
     context.log.info(
         f"following new events: a look every {limits.interval_seconds:g} s, for up to {limits.follow_seconds:g} s, "

@@ -30,6 +30,14 @@ class ClaimedBatch:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoadedBatch:
+    """What load_batch hands to mark_batch_processed: one input, so one step's bookkeeping less per batch."""
+
+    handle: BatchHandle
+    result: LoadResult
+
+
+@dataclasses.dataclass(frozen=True)
 class MarkedBatch:
     batch_id: int
     row_count: int
@@ -81,7 +89,11 @@ def _transient_connect_error(exc: BaseException) -> bool:
 
 @dg.op(out=dg.DynamicOut(ClaimedBatch), description="Claim pending outbox batches for this run (extract).")
 def extract_outbox_batches(
-    context: dg.OpExecutionContext, config: RelayRunConfig, outbox: OutboxDatabaseResource, monitor: RelayRunMonitor
+    context: dg.OpExecutionContext,
+    config: RelayRunConfig,
+    outbox: OutboxDatabaseResource,
+    clickhouse: ClickHouseResource,
+    monitor: RelayRunMonitor,
 ):
     batch_size = config.batch_size or outbox.batch_size
     max_batches = config.max_batches or outbox.max_batches_per_run
@@ -103,8 +115,9 @@ def extract_outbox_batches(
         if handle is None:
             break
         claimed += 1
-        # Reading the first batch starts while the others are still being claimed.
-        outbox.prefetcher().plan([handle])
+        # Reading and inserting the first batch start while the others are still being claimed, and each
+        # next batch is inserted while Dagster records the steps of the previous one (see prefetch.py).
+        outbox.prefetcher().plan([handle], insert_into=lambda: clickhouse.store(busy_wait_seconds=0), deadline=deadline)
         yield dg.DynamicOutput(ClaimedBatch(handle, deadline), mapping_key=f"batch_{handle.batch_id}")
     context.log.info(f"claimed {claimed} batches")
 
@@ -119,13 +132,13 @@ def load_batch(
     outbox: OutboxDatabaseResource,
     clickhouse: ClickHouseResource,
     monitor: RelayRunMonitor,
-) -> LoadResult:
+) -> LoadedBatch:
     handle = claimed.handle
     relay = build_relay(context, outbox, monitor, prefetch=True)
     if time.time() >= claimed.deadline:
         relay.release(handle)
         context.log.info(f"run time limit reached: batch {handle.batch_id} released for the next run")
-        return LoadResult(handle.batch_id, handle.kind, handle.row_count, 0, (), 0, 0.0, lease_lost=True)
+        return LoadedBatch(handle, LoadResult(handle.batch_id, handle.kind, handle.row_count, 0, (), 0, 0.0, lease_lost=True))
     try:
         relay.event_log = connect_event_log(clickhouse, relay, monitor)
         with monitor.span("load", "insert batch into ClickHouse", batch_id=handle.batch_id, batch_size=handle.row_count) as span:
@@ -141,7 +154,7 @@ def load_batch(
     for event in result.rejected:
         context.log.warning(f"ClickHouse rejected event {event.event_id}: {event.error[:500]}")
     monitor.distribution("outbox.batch_processing_time", result.seconds, unit="second")
-    return result
+    return LoadedBatch(handle, result)
 
 
 # Priority: each batch is marked right after its load, not after every load of the run,
@@ -152,14 +165,14 @@ def load_batch(
 )
 def mark_batch_processed(
     context: dg.OpExecutionContext,
-    claimed: ClaimedBatch,
-    loaded: LoadResult,
+    batch: LoadedBatch,
     outbox: OutboxDatabaseResource,
     monitor: RelayRunMonitor,
 ) -> MarkedBatch:
     relay = build_relay(context, outbox, monitor)
+    loaded = batch.result
     with monitor.span("mark", "mark batch processed", batch_id=loaded.batch_id):
-        marked = relay.mark(loaded, claimed.handle)
+        marked = relay.mark(loaded, batch.handle)
     if marked:
         monitor.record_batch(loaded)
     elif not loaded.lease_lost:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import uuid
+from collections.abc import Iterable
 
 from outbox_pipeline.errors import ConfigurationError
 from outbox_pipeline.event_columns import EVENT_COLUMNS
@@ -99,9 +100,13 @@ class EventLogStore:
     def migrate(self) -> None:
         self.client.command(create_table_sql(self.table))
 
-    def insert_csv(self, csv_block: bytes, *, deduplication_token: str) -> None:
-        """Insert rows in EVENT_COLUMNS order; a retry with the same token and rows inserts nothing."""
-        if not csv_block:
+    def insert_csv(self, csv_block: bytes | Iterable[bytes], *, deduplication_token: str) -> None:
+        """Insert rows in EVENT_COLUMNS order; a retry with the same token and rows inserts nothing.
+
+        ``csv_block`` is the CSV, or an iterable of its pieces: the insert streams them
+        (HTTP: a chunked request body; chDB: the file it inserts from) without joining them.
+        """
+        if isinstance(csv_block, (bytes, bytearray)) and not csv_block:
             return
         self.client.raw_insert(
             self._table_sql,
