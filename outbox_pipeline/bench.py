@@ -1,6 +1,9 @@
 """Benchmark: the relay against the practical limit and a naive relay, on the same stores in one run.
 
     python -m outbox_pipeline.bench --events 100000 --events 1000000 [--latency-seconds 20] [--clickhouse-url URL]
+    python -m outbox_pipeline.bench --steady --rate 50 --rate 1000 [--warmup 60 --measure 240 --idle 60] [--baseline]
+
+The second form measures the steady state of the real `dagster dev` stack (bench_steady.py).
 
 Stores are fresh: an embedded PostgreSQL and chDB in a temporary directory (or the
 server in OUTBOX_BENCH_DATABASE_URL, whose database is left with bench tables).
@@ -247,10 +250,23 @@ def main(argv: list[str] | None = None) -> int:
         "--clickhouse-url", default=os.environ.get("OUTBOX_BENCH_CLICKHOUSE_URL"),
         help="a ClickHouse server to use instead of chDB in a temporary directory (its event_log tables are recreated)",
     )
+    steady = parser.add_argument_group("steady state (the real dagster dev stack under a continuous stream)")
+    steady.add_argument("--steady", action="store_true", help="measure the steady state instead of a backlog")
+    steady.add_argument("--rate", type=float, action="append", help="events per second; repeat for several (default 50)")
+    steady.add_argument("--warmup", type=float, default=60, help="seconds of stream before measuring (default 60)")
+    steady.add_argument("--measure", type=float, default=240, help="seconds measured (default 240)")
+    steady.add_argument("--idle", type=float, default=60, help="seconds measured with no stream (default 60)")
+    steady.add_argument("--baseline", action="store_true",
+                        help="also measure relay runs that end with their backlog (OUTBOX_FOLLOW_SECONDS=0), side by side")
     parser.add_argument("--run-relay-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run_relay_child:
         _relay_child()
+        return 0
+    if args.steady:
+        from outbox_pipeline.bench_steady import run_steady
+
+        run_steady(args.rate or [50.0], warmup=args.warmup, measure=args.measure, idle=args.idle, baseline=args.baseline)
         return 0
     workdir = Path(tempfile.mkdtemp(prefix="outbox-bench-"))
     try:

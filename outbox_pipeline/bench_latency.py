@@ -27,8 +27,13 @@ from outbox_pipeline.stores.outbox_store import OutboxStore
 EVENTS_PER_TRANSACTION = 10
 
 
-def produce(database_url: str, environment: str, rate: float, stop: threading.Event, counter: list[int]) -> None:
+def produce(
+    database_url: str, environment: str, rate: float, stop: threading.Event, counter: list[int], info: dict | None = None
+) -> None:
+    """Commit ``rate`` events a second until ``stop``; ``counter[0]`` counts them, ``info`` gets the backend's pid."""
     with psycopg.connect(database_url) as conn:
+        if info is not None:
+            info["backend_pid"] = conn.info.backend_pid
         started = time.monotonic()
         sent = 0
         while not stop.is_set():
