@@ -27,8 +27,13 @@ from outbox_pipeline.stores.outbox_store import OutboxStore
 EVENTS_PER_TRANSACTION = 10
 
 
-def produce(database_url: str, environment: str, rate: float, stop: threading.Event, counter: list[int]) -> None:
+def produce(
+    database_url: str, environment: str, rate: float, stop: threading.Event, counter: list[int], info: dict | None = None
+) -> None:
+    """Commit ``rate`` events a second until ``stop``; ``counter[0]`` counts them, ``info`` gets the backend's pid."""
     with psycopg.connect(database_url) as conn:
+        if info is not None:
+            info["backend_pid"] = conn.info.backend_pid
         started = time.monotonic()
         sent = 0
         while not stop.is_set():
@@ -58,16 +63,24 @@ def _quantiles(clickhouse_url: str, environment: str) -> tuple[int, float, float
     return int(rows), float(p50), float(p95), float(p99)
 
 
-def _drain_remaining(instance: dg.DagsterInstance, resources: dict) -> None:
-    from outbox_pipeline.jobs import process_outbox_events
+# Sensor-path runs here end with their backlog, as runs of the first release did (no following).
+BACKLOG_ONLY = {"ops": {"follow_outbox": {"config": {"follow_seconds": 0}}}}
 
-    process_outbox_events.execute_in_process(instance=instance, resources=resources)
+
+def _job(name: str):
+    from outbox_pipeline.definitions import defs
+
+    return defs.resolve_job_def(name)
+
+
+def _drain_remaining(instance: dg.DagsterInstance, resources: dict) -> None:
+    _job("process_outbox_events").execute_in_process(instance=instance, resources=resources, run_config=BACKLOG_ONLY)
 
 
 def measure_sensor_path(database_url: str, clickhouse_url: str, seconds: float, rate: float, interval: float) -> tuple:
     from outbox_pipeline.definitions import build_resources
-    from outbox_pipeline.jobs import process_outbox_events
 
+    process_outbox_events = _job("process_outbox_events")
     environment = "latency-sensor-path"
     stop, counter = threading.Event(), [0]
     producer = threading.Thread(target=produce, args=(database_url, environment, rate, stop, counter))
@@ -80,7 +93,7 @@ def measure_sensor_path(database_url: str, clickhouse_url: str, seconds: float, 
             while time.monotonic() < deadline:
                 tick = time.monotonic()
                 if store.has_pending_work():
-                    process_outbox_events.execute_in_process(instance=instance, resources=resources)
+                    process_outbox_events.execute_in_process(instance=instance, resources=resources, run_config=BACKLOG_ONLY)
                 time.sleep(max(0.0, interval - (time.monotonic() - tick)))
         finally:
             stop.set()
@@ -92,8 +105,8 @@ def measure_sensor_path(database_url: str, clickhouse_url: str, seconds: float, 
 
 def measure_low_latency(database_url: str, clickhouse_url: str, seconds: float, rate: float) -> tuple:
     from outbox_pipeline.definitions import build_resources
-    from outbox_pipeline.jobs import relay_low_latency
 
+    relay_low_latency = _job("relay_low_latency")
     environment = "latency-low-latency"
     stop, counter = threading.Event(), [0]
     producer = threading.Thread(target=produce, args=(database_url, environment, rate, stop, counter))

@@ -13,11 +13,13 @@ import dataclasses
 import dagster as dg
 
 from outbox_pipeline.monitoring.hooks import sentry_on_failure
+from outbox_pipeline.ops.follow_ops import follow_outbox
 from outbox_pipeline.ops.low_latency_ops import relay_continuously
 from outbox_pipeline.ops.maintenance_ops import requeue_failed
 from outbox_pipeline.ops.relay_ops import extract_outbox_batches, load_batch, mark_batch_processed, report_relay_run
 from outbox_pipeline.ops.replay_ops import replay_outbox_day
 from outbox_pipeline.ops.retention_ops import delete_old_outbox_events
+from outbox_pipeline.ops.run_history_ops import prune_run_history
 from outbox_pipeline.relay_instance import RELAY_NAME_TAG, RelayInstance
 from outbox_pipeline.run_limits import clickhouse_run_tags
 
@@ -29,11 +31,14 @@ def relay_run_tags(instance: RelayInstance) -> dict[str, str]:
     return {RELAY_TAG: "true", RELAY_NAME_TAG: instance.name, **clickhouse_run_tags(instance.uses_chdb)}
 
 
-@dg.graph(description="Move pending outbox events into ClickHouse: claim batches, load each, mark each processed.")
+@dg.graph(
+    description="Move pending outbox events into ClickHouse: claim batches, load each, mark each processed; "
+    "then keep relaying new events while a steady stream lasts (follow_outbox)."
+)
 def relay_graph():
     claimed = extract_outbox_batches()
-    marked = claimed.map(lambda batch: mark_batch_processed(batch, load_batch(batch)))
-    report_relay_run(marked.collect())
+    marked = claimed.map(lambda batch: mark_batch_processed(load_batch(batch)))
+    follow_outbox(report_relay_run(marked.collect()))
 
 
 @dg.graph(description="Put failed events back in line (config: event_ids, event_type or all_failed); the next relay run delivers them.")
@@ -51,6 +56,14 @@ def cleanup_graph():
     delete_old_outbox_events()
 
 
+@dg.graph(
+    description="Retention of Dagster's own storage: hourly rollups of the asset's figures, then the relay's runs past "
+    "OUTBOX_RUN_RETENTION_HOURS (failed ones: OUTBOX_FAILED_RUN_RETENTION_DAYS) deleted with their event logs."
+)
+def prune_graph():
+    prune_run_history()
+
+
 @dg.graph(description="Low-latency mode: one long run that relays on every producer commit (LISTEN/NOTIFY), then ends.")
 def low_latency_graph():
     relay_continuously()
@@ -63,6 +76,7 @@ class RelayJobs:
     requeue: dg.JobDefinition
     replay: dg.JobDefinition
     cleanup: dg.JobDefinition
+    prune: dg.JobDefinition
     check: object  # an asset job, resolved when the code location loads
 
     @property
@@ -71,7 +85,7 @@ class RelayJobs:
         return (self.process, self.low_latency)
 
     def all(self) -> list:
-        return [self.process, self.low_latency, self.requeue, self.replay, self.cleanup, self.check]
+        return [self.process, self.low_latency, self.requeue, self.replay, self.cleanup, self.prune, self.check]
 
 
 def replay_partitions(instance: RelayInstance) -> dg.DailyPartitionsDefinition:
@@ -80,6 +94,11 @@ def replay_partitions(instance: RelayInstance) -> dg.DailyPartitionsDefinition:
     return dg.DailyPartitionsDefinition(
         start_date=instance.settings.replay_start_date.isoformat(), timezone="UTC", end_offset=1
     )
+
+
+def pruned_job_names(instance: RelayInstance) -> list[str]:
+    """The relay's jobs that run often, whose old runs prune_dagster_runs deletes."""
+    return [instance.named(base) for base in ("process_outbox_events", "relay_low_latency", "check_event_log", "prune_dagster_runs")]
 
 
 def build_jobs(instance: RelayInstance, resources: dict) -> RelayJobs:
@@ -113,6 +132,9 @@ def build_jobs(instance: RelayInstance, resources: dict) -> RelayJobs:
             name=instance.named("cleanup_outbox"),
             description=cleanup_graph.description + which,
             **common,
+        ),
+        prune=prune_graph.to_job(
+            name=instance.named("prune_dagster_runs"), description=prune_graph.description + which, **common
         ),
         check=dg.define_asset_job(
             name=instance.named("check_event_log"),

@@ -1,18 +1,198 @@
-"""Reading the next batch out of PostgreSQL while the current one is inserted into ClickHouse.
+"""Reading and inserting a run's batches ahead of its Dagster steps, in bounded memory.
 
-A run claims its batches first and then loads them one after another. The two
-stores are independent, so the COPY of batch k+1 (on a second connection, on a
-worker thread) overlaps the ClickHouse insert of batch k. At most one batch is
-read ahead, so memory stays bounded by two batches.
+A run claims its batches first and then loads them one after another, one
+``load_batch`` step each. Every step costs Dagster some bookkeeping (events
+written to its storage: tens of milliseconds each), during which the stores
+would sit idle. So two worker threads work ahead, in batch order:
+
+* the **reader** streams each batch out of PostgreSQL (COPY, on a connection of
+  its own, in pieces of about 1 MiB) into a queue of at most
+  ``MAX_BUFFERED_PIECES`` pieces; the read of batch k+1 starts once batch k's
+  rows have all been queued, and waits while its queue is full;
+* the **inserter** (when the run gives it ClickHouse) inserts each batch from that
+  queue under the batch's deduplication token, exactly the insert the step would
+  make, while Dagster records the previous steps. It inserts batch k only once
+  the step of batch k-1 is done with ClickHouse, so one insert at a time goes to
+  the connection, and never past the run's time limit. It never waits for a busy
+  embedded ClickHouse directory (the step does, where an interrupt reaches it).
+
+The ``load_batch`` step of batch k then finds its insert done (or failed: the
+step takes that as its first attempt and goes on as usual: retries, bisection of
+rejected events) and marks the batch. Inserting a claimed batch early is the same
+as inserting it late: the token names the batch's fixed rows, so a run that dies
+meanwhile leaves batches that the next run inserts again under the same tokens,
+and ClickHouse keeps one copy. Memory stays at a few pieces per batch in flight,
+whatever the batch size.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import queue
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 
+from outbox_pipeline.errors import StoreBusyError
+from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import BatchHandle, OutboxStore
+
+MAX_BUFFERED_PIECES = 8
+_END = object()
+
+
+class _Cancelled(Exception):
+    """Raised inside the reader's COPY loop so that psycopg cancels the COPY."""
+
+
+class ReadAhead:
+    """One batch's CSV, read by the reader thread; consumed once with ``pieces()``, or cancelled."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=MAX_BUFFERED_PIECES)
+        self._cancelled = threading.Event()
+        self._taken = False
+
+    # -- the reader's side ---------------------------------------------------------------
+
+    def fill(self, pieces: Iterator[bytes]) -> bool:
+        """Read the pieces into the queue; False when reading failed (the consumer gets the error)."""
+        try:
+            for piece in pieces:
+                self._put(piece)
+        except _Cancelled:
+            pieces.close()  # cancels the COPY: the connection stays usable for the next batch
+            return True
+        except BaseException as exc:
+            self._put_final(exc)
+            return False
+        self._put_final(_END)
+        return True
+
+    def _put(self, item) -> None:
+        while not self._cancelled.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Cancelled
+
+    def _put_final(self, item) -> None:
+        try:
+            self._put(item)
+        except _Cancelled:
+            pass
+
+    # -- the consumer's side (an insert) ---------------------------------------------------
+
+    def pieces(self) -> Iterator[bytes]:
+        """The batch's CSV pieces; a failed read raises here, in the insert that consumes them."""
+        if self._taken:
+            raise RuntimeError("a read-ahead is consumed once")
+        self._taken = True
+        while True:
+            try:
+                item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if self._cancelled.is_set():  # the run is closing: the insert that reads this stops
+                    raise RuntimeError("reading the batch ahead was cancelled") from None
+                continue
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def cancel(self) -> None:
+        """Stop reading (a no-op once fully consumed) and free what was buffered."""
+        self._cancelled.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+
+@dataclasses.dataclass
+class InsertedAhead:
+    """The outcome of a batch's insert made ahead of its step: its first attempt."""
+
+    error: BaseException | None
+    seconds: float
+
+
+class _Inserter:
+    """The thread that inserts batches ahead, in order, one at a time (see the module's docstring)."""
+
+    def __init__(self, prefetcher: "BatchPrefetcher", event_log: Callable[[], EventLogStore], deadline: float):
+        self._prefetcher = prefetcher
+        self._event_log = event_log
+        self._deadline = deadline
+        self._condition = threading.Condition()
+        self._allowed = 0  # positions up to this one may be inserted: the steps before it are done with ClickHouse
+        self._outcomes: dict[int, InsertedAhead | None] = {}  # position -> outcome (None: not inserted ahead)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="outbox-insert-ahead", daemon=True)
+        self._thread.start()
+
+    def allow(self, position: int) -> None:
+        with self._condition:
+            self._allowed = max(self._allowed, position)
+            self._condition.notify_all()
+
+    def outcome(self, position: int) -> InsertedAhead | None:
+        """Wait until the batch at ``position`` was inserted ahead, or will not be (None)."""
+        self.allow(position)
+        with self._condition:
+            self._condition.wait_for(lambda: position in self._outcomes or self._closed)
+            return self._outcomes.get(position)
+
+    def wake(self) -> None:
+        with self._condition:
+            self._condition.notify_all()
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        position = 0
+        while True:
+            with self._condition:
+                self._condition.wait_for(
+                    lambda: self._closed or (self._allowed >= position and self._prefetcher.planned(position))
+                )
+                if self._closed:
+                    return
+            handle, read = self._prefetcher.work_at(position)
+            outcome = None
+            if read is not None:
+                if time.time() < self._deadline:
+                    outcome = self._insert(handle, read)
+                else:
+                    read.cancel()  # past the run's time limit: its step releases the batch
+            with self._condition:
+                self._outcomes[position] = outcome
+                self._condition.notify_all()
+            position += 1
+
+    def _insert(self, handle: BatchHandle, read: ReadAhead) -> InsertedAhead | None:
+        started = time.perf_counter()
+        try:
+            try:
+                event_log = self._event_log()
+            except StoreBusyError:
+                return None  # another process holds the embedded ClickHouse: the step waits for it itself
+            event_log.insert_csv(read.pieces(), deduplication_token=handle.deduplication_token(0, handle.row_count))
+        except Exception as exc:  # the step takes it as its first attempt
+            return InsertedAhead(exc, time.perf_counter() - started)
+        finally:
+            read.cancel()  # a no-op once consumed; frees the reader otherwise
+        return InsertedAhead(None, time.perf_counter() - started)
 
 
 class BatchPrefetcher:
@@ -21,47 +201,114 @@ class BatchPrefetcher:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-prefetch")
         self._local = threading.local()
         self._stores: list[OutboxStore] = []
+        self._lock = threading.Lock()
         self._order: list[int] = []
         self._handles: dict[int, BatchHandle] = {}
-        self._reads: dict[int, concurrent.futures.Future] = {}
+        self._reads: dict[int, ReadAhead] = {}
+        self._inserter: _Inserter | None = None
 
-    def plan(self, handles: Sequence[BatchHandle]) -> None:
-        """The batches this run will load, in order; starts reading the first."""
-        for handle in handles:
-            if handle.batch_id not in self._handles:
-                self._order.append(handle.batch_id)
-                self._handles[handle.batch_id] = handle
-        if self._order:
-            self._start(self._order[0])
+    def plan(
+        self,
+        handles: Sequence[BatchHandle],
+        *,
+        insert_into: Callable[[], EventLogStore] | None = None,
+        deadline: float | None = None,
+    ) -> None:
+        """The batches this run will load, in order: reading them starts now, and inserting them, given ClickHouse."""
+        with self._lock:
+            for handle in handles:
+                if handle.batch_id not in self._handles:
+                    self._order.append(handle.batch_id)
+                    self._handles[handle.batch_id] = handle
+                    self._start_read(handle)
+        if insert_into is not None and self._inserter is None:
+            self._inserter = _Inserter(self, insert_into, deadline if deadline is not None else float("inf"))
+        if self._inserter is not None:
+            self._inserter.wake()
 
-    def take(self, handle: BatchHandle) -> bytes | None:
-        """The batch's rows as CSV if they were read ahead; also starts reading the next batch."""
-        position = self._order.index(handle.batch_id) if handle.batch_id in self._handles else -1
-        if 0 <= position < len(self._order) - 1:
-            self._start(self._order[position + 1])
-        future = self._reads.pop(handle.batch_id, None)
-        if future is None or self._handles.get(handle.batch_id) != handle:
+    def take(self, handle: BatchHandle) -> InsertedAhead | ReadAhead | None:
+        """What was done ahead for the batch: its insert's outcome, or its read-ahead, or nothing.
+
+        The caller consumes a read-ahead (``pieces()``) or cancels it, and calls ``done``
+        once it no longer uses ClickHouse for this batch.
+        """
+        position = self._position(handle)
+        if position < 0:
             return None
-        try:
-            return future.result()
-        except Exception:
-            return None  # the caller reads it itself, with its retries and error reporting
+        if self._inserter is not None:
+            outcome = self._inserter.outcome(position)
+            if outcome is not None and outcome.error is None:
+                self._inserter.allow(position + 1)  # the next insert overlaps this batch's mark
+            return outcome
+        with self._lock:
+            # Earlier batches nobody took (released at the run's time limit) free the reads behind them.
+            for earlier in self._order[:position]:
+                skipped = self._reads.pop(earlier, None)
+                if skipped is not None:
+                    skipped.cancel()
+            return self._reads.pop(handle.batch_id, None)
 
-    def _start(self, batch_id: int) -> None:
-        handle = self._handles[batch_id]
+    def done(self, handle: BatchHandle) -> None:
+        """The step of this batch no longer uses ClickHouse: the next batch may be inserted."""
+        position = self._position(handle)
+        if self._inserter is not None and position >= 0:
+            self._inserter.allow(position + 1)
+
+    def _position(self, handle: BatchHandle) -> int:
+        with self._lock:
+            if self._handles.get(handle.batch_id) != handle:
+                return -1
+            return self._order.index(handle.batch_id)
+
+    # -- for the inserter ----------------------------------------------------------------
+
+    def planned(self, position: int) -> bool:
+        with self._lock:
+            return position < len(self._order)
+
+    def work_at(self, position: int) -> tuple[BatchHandle, ReadAhead | None]:
+        with self._lock:
+            batch_id = self._order[position]
+            return self._handles[batch_id], self._reads.pop(batch_id, None)
+
+    # -- the reader ----------------------------------------------------------------------
+
+    def _start_read(self, handle: BatchHandle) -> None:
         # Only a whole, never-split range batch is read ahead: that is the common case.
-        if batch_id in self._reads or handle.split_points or handle.kind != "range":
+        if handle.split_points or handle.kind != "range":
             return
-        self._reads[batch_id] = self._executor.submit(self._read, handle)
+        read = ReadAhead()
+        self._reads[handle.batch_id] = read
+        self._executor.submit(self._read, handle, read)
 
-    def _read(self, handle: BatchHandle) -> bytes:
+    def _read(self, handle: BatchHandle, read: ReadAhead) -> None:
         store = getattr(self._local, "store", None)
-        if store is None:
-            store = self._local.store = OutboxStore.connect(self._url)
-            self._stores.append(store)
-        return store.read_block_csv(handle, 0, handle.row_count)
+        try:
+            if store is None:
+                store = self._local.store = OutboxStore.connect(self._url)
+                self._stores.append(store)
+            pieces = store.stream_block_csv(handle, 0, handle.row_count)
+        except BaseException as exc:  # reported by the insert that consumes this read
+            pieces = _raising(exc)
+        if not read.fill(pieces) and store is not None:
+            # The connection may be what failed: the next batch's read opens a fresh one.
+            self._local.store = None
+            self._stores.remove(store)
+            store.close()
 
     def close(self) -> None:
+        with self._lock:
+            reads = list(self._reads.values())
+            self._reads.clear()
+        for read in reads:
+            read.cancel()
+        if self._inserter is not None:
+            self._inserter.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
         for store in self._stores:
             store.close()
+
+
+def _raising(exc: BaseException) -> Iterator[bytes]:
+    raise exc
+    yield b""  # a generator

@@ -21,13 +21,16 @@ before its halves are inserted, so a retried run inserts the very same blocks.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+import psycopg
 
 from outbox_pipeline.errors import OutboxPipelineError, one_line
 from outbox_pipeline.memory import return_large_buffers_to_the_system
-from outbox_pipeline.prefetch import BatchPrefetcher
+from outbox_pipeline.prefetch import BatchPrefetcher, InsertedAhead, ReadAhead
 from outbox_pipeline.retrying import BackoffPolicy, RetryCallback, RetryNotice, call_postgres_with_retries, call_with_retries
 from outbox_pipeline.settings import RelaySettings
 from outbox_pipeline.stores.clickhouse_connection import ErrorKind, classify_clickhouse_error
@@ -74,6 +77,9 @@ class LoadResult:
     # Wall-clock time (time.time()) when ClickHouse acknowledged the batch's last insert
     finished_at: float = 0.0
 
+
+# What a run did ahead for a batch before its step loads it (see prefetch.py).
+Ahead = InsertedAhead | ReadAhead | None
 
 # Told of every batch a drain marked processed (the run's report counts them as they land).
 BatchCallback = Callable[[LoadResult], None]
@@ -132,7 +138,19 @@ class Relay:
         split_points = self._postgres("reading the batch's blocks", lambda: self.outbox.current_split_points(handle))
         bounds = [0, *[p for p in split_points if 0 < p < handle.row_count], handle.row_count]
         work = collections.deque(zip(bounds, bounds[1:]))
-        read_ahead = self._prefetcher.take(handle) if self._prefetcher is not None else None
+        ahead = self._prefetcher.take(handle) if self._prefetcher is not None else None
+        try:
+            result = self._load_blocks(handle, work, ahead, started)
+        finally:
+            if isinstance(ahead, ReadAhead):
+                ahead.cancel()  # unused (a split batch): the reads behind it go on
+        if self._prefetcher is not None:
+            # Done with ClickHouse for this batch: the next one may be inserted ahead (not after a failure:
+            # the run is ending, and the next step, if any, asks for its batch itself).
+            self._prefetcher.done(handle)
+        return result
+
+    def _load_blocks(self, handle: BatchHandle, work: collections.deque, ahead: Ahead, started: float) -> LoadResult:
         rejected: list[RejectedEvent] = []
         inserts = 0
         while work:
@@ -142,7 +160,7 @@ class Relay:
             try:
                 inserts += 1
                 whole_batch = (start, stop) == (0, handle.row_count)
-                self._insert_block(handle, start, stop, read_ahead if whole_batch else None)
+                self._insert_block(handle, start, stop, ahead if whole_batch else None)
             except Exception as exc:
                 if classify_clickhouse_error(exc) is not ErrorKind.REJECTED_DATA:
                     raise
@@ -161,6 +179,7 @@ class Relay:
                         f"({one_line(exc)[:600]}); that points at the event_log table or the server, not the events: "
                         "fix it and rerun, every event is still pending"
                     ) from exc
+        inserted_ahead = ahead.seconds if isinstance(ahead, InsertedAhead) else 0.0
         return LoadResult(
             handle.batch_id,
             handle.kind,
@@ -168,7 +187,7 @@ class Relay:
             handle.row_count - len(rejected),
             tuple(rejected),
             inserts,
-            time.perf_counter() - started,
+            time.perf_counter() - started + inserted_ahead,
             finished_at=time.time(),
         )
 
@@ -195,6 +214,10 @@ class Relay:
         except Exception:
             return False  # its lease frees it
         return True
+
+    def has_pending_work(self) -> bool:
+        """Whether a claim would find something: one read-only query, retried like the others."""
+        return self._postgres("looking for pending events", self.outbox.has_pending_work)
 
     # -- loops ------------------------------------------------------------------------------
 
@@ -233,11 +256,40 @@ class Relay:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _insert_block(self, handle: BatchHandle, start: int, stop: int, csv_block: bytes | None = None) -> None:
-        if csv_block is None:
-            csv_block = self._postgres("reading the batch", lambda: self.outbox.read_block_csv(handle, start, stop))
+    def _insert_block(self, handle: BatchHandle, start: int, stop: int, ahead: Ahead = None) -> None:
+        """Insert rows start:stop of the batch, streamed from PostgreSQL into ClickHouse.
+
+        Each attempt sends the very same rows under the same token. The first attempt
+        may have been made ahead (its outcome is taken as is) or may read a read-ahead;
+        a retry streams a fresh COPY on the run's connection.
+        """
         token = handle.deduplication_token(start, stop)
-        self._with_retries("inserting into ClickHouse", lambda: self.event_log.insert_csv(csv_block, deduplication_token=token))
+        firsts = [ahead] if ahead is not None else []
+        source = _Source()
+
+        def attempt() -> None:
+            source.failure = None
+            first = firsts.pop() if firsts else None
+            if isinstance(first, InsertedAhead):
+                if first.error is not None:
+                    raise first.error
+                return
+            pieces = first.pieces() if first is not None else self.outbox.stream_block_csv(handle, start, stop)
+            with contextlib.closing(source.watch(pieces)) as watched:
+                self.event_log.insert_csv(watched, deduplication_token=token)
+
+        def before_retry(exc: BaseException) -> None:
+            # A stream that broke on the run's own connection leaves it unusable: the retry reads on a new one.
+            if isinstance(source.failure, psycopg.Error) and self.outbox.url is not None:
+                self.outbox.reconnect()
+
+        try:
+            call_with_retries(
+                "inserting into ClickHouse", attempt, self.policy.retry, on_retry=self._count_retry, before_retry=before_retry
+            )
+        finally:
+            if isinstance(ahead, ReadAhead):
+                ahead.cancel()
 
     def _postgres(self, what: str, fn):
         return call_postgres_with_retries(self.outbox, what, fn, self.policy.retry, on_retry=self._count_retry)
@@ -249,3 +301,20 @@ class Relay:
         self.retries += 1
         if self._on_retry is not None:
             self._on_retry(notice)
+
+
+class _Source:
+    """Remembers the error of the stream an insert consumed: the insert's own error may wrap or hide it."""
+
+    failure: BaseException | None = None
+
+    def watch(self, pieces: Iterator[bytes]) -> Iterator[bytes]:
+        try:
+            yield from pieces
+        except GeneratorExit:
+            pieces.close()
+            raise
+        except BaseException as exc:
+            self.failure = exc
+            raise
+

@@ -5,18 +5,18 @@ import functools
 import dagster as dg
 
 from outbox_pipeline.assets import build_event_log_checks, event_log_spec, resource_keys
-from outbox_pipeline.jobs import RELAY_TAG, build_jobs
+from outbox_pipeline.jobs import RELAY_TAG, build_jobs, pruned_job_names
 from outbox_pipeline.monitoring.lag_sensor import build_lag_sensor
 from outbox_pipeline.monitoring.run_monitor import RELAY_JOB, RelayRunMonitor
 from outbox_pipeline.relay_instance import RelayInstance
-from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
+from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource, RunHistoryResource
 from outbox_pipeline.schedules import build_schedules
 from outbox_pipeline.sensors import build_pending_sensor
 from outbox_pipeline.settings import RelaySettings
 
 
 def build_resources(instance: RelayInstance) -> dict:
-    """The relay's run resources: ``outbox``, ``clickhouse`` and ``monitor``."""
+    """The relay's run resources: ``outbox``, ``clickhouse``, ``monitor`` and ``run_history``."""
     settings = instance.settings
     return {
         "outbox": OutboxDatabaseResource(
@@ -33,11 +33,22 @@ def build_resources(instance: RelayInstance) -> dict:
             max_event_attempts=settings.max_event_attempts,
             event_retry_base_seconds=settings.event_retry_base_seconds,
             retention_days=settings.retention_days,
+            follow_seconds=settings.follow_seconds,
+            follow_quiet_seconds=settings.follow_quiet_seconds,
+            follow_interval_seconds=settings.follow_interval_seconds,
+            materialization_window_seconds=settings.materialization_window_seconds,
+            freshness_max_lag_seconds=settings.freshness_max_lag_seconds,
         ),
         "clickhouse": ClickHouseResource(
             url=instance.clickhouse_url, table=instance.table, asset_key=list(instance.asset_key.path)
         ),
         "monitor": RelayRunMonitor.from_settings(settings, instance.name, instance.named(RELAY_JOB)),
+        "run_history": RunHistoryResource(
+            job_names=pruned_job_names(instance),
+            asset_key=list(instance.asset_key.path),
+            run_retention_hours=settings.run_retention_hours,
+            failed_run_retention_days=settings.failed_run_retention_days,
+        ),
     }
 
 

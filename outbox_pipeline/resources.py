@@ -7,6 +7,7 @@ The resources carry everything ops need, so ops never read the environment.
 """
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from pydantic import Field, PrivateAttr
 from outbox_pipeline.prefetch import BatchPrefetcher
 from outbox_pipeline.relay import RelayPolicy
 from outbox_pipeline.retrying import BackoffPolicy
-from outbox_pipeline.stores.clickhouse_connection import chdb_path
+from outbox_pipeline.stores.clickhouse_connection import chdb_directory_wanted, chdb_path
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import OutboxStore
 from outbox_pipeline.stores.relay_identity import RelayIdentity
@@ -39,6 +40,11 @@ class OutboxDatabaseResource(dg.ConfigurableResource):
     max_event_attempts: int = 5
     event_retry_base_seconds: float = 30.0
     retention_days: int = 30
+    follow_seconds: float = Field(default=1200.0, description="How long a run keeps relaying new events after its backlog.")
+    follow_quiet_seconds: float = 60.0
+    follow_interval_seconds: float = 2.0
+    materialization_window_seconds: float = 300.0
+    freshness_max_lag_seconds: float = 300.0
 
     _store: OutboxStore | None = PrivateAttr(default=None)
     _prefetcher: BatchPrefetcher | None = PrivateAttr(default=None)
@@ -110,6 +116,8 @@ class ClickHouseResource(dg.ConfigurableResource):
     busy_wait_seconds: float = 30.0
 
     _store: EventLogStore | None = PrivateAttr(default=None)
+    # The run's steps and the thread that inserts batches ahead share one connection, opened once.
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     @property
     def asset(self) -> dg.AssetKey:
@@ -119,15 +127,46 @@ class ClickHouseResource(dg.ConfigurableResource):
     def is_embedded(self) -> bool:
         return chdb_path(self.url) is not None
 
-    def store(self) -> EventLogStore:
-        if self._store is None:
-            self._store = EventLogStore.connect(self.url, table=self.table, busy_wait_seconds=self.busy_wait_seconds)
-            # A relay added as a component brings its own table: created here if missing (IF NOT EXISTS, so a
-            # table created by hand, such as a replicated one on a cluster, is left as it is).
-            self._store.migrate()
-        return self._store
+    def store(self, busy_wait_seconds: float | None = None) -> EventLogStore:
+        """The run's connection, opened on first use (waiting ``busy_wait_seconds`` for a busy chDB directory)."""
+        with self._lock:
+            if self._store is None:
+                self._store = self._connect(self.busy_wait_seconds if busy_wait_seconds is None else busy_wait_seconds)
+            return self._store
+
+    def _connect(self, busy_wait_seconds: float) -> EventLogStore:
+        store = EventLogStore.connect(self.url, table=self.table, busy_wait_seconds=busy_wait_seconds)
+        # A relay added as a component brings its own table: created here if missing (IF NOT EXISTS, so a
+        # table created by hand, such as a replicated one on a cluster, is left as it is).
+        store.migrate()
+        return store
+
+    @property
+    def wanted_elsewhere(self) -> bool:
+        """Another process waits for the embedded ClickHouse directory this run holds."""
+        return self._store is not None and chdb_directory_wanted(self.url)
+
+    def release(self) -> None:
+        """Close the connection (for chDB: let go of the directory); ``store()`` opens it again."""
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        self.release()
+
+
+class RunHistoryResource(dg.ConfigurableResource):
+    """Which of Dagster's own records belong to one relay, and how long they are kept (see run_history.py)."""
+
+    job_names: list[str] = Field(description="The relay's frequent jobs, whose old runs are deleted.")
+    asset_key: list[str] = Field(default=["event_log"], description="The asset whose hourly rollups are recorded.")
+    run_retention_hours: float = Field(default=24.0, description="Successful runs are deleted after this (OUTBOX_RUN_RETENTION_HOURS).")
+    failed_run_retention_days: float = Field(
+        default=30.0, description="Failed and canceled runs are deleted after this (OUTBOX_FAILED_RUN_RETENTION_DAYS)."
+    )
+
+    @property
+    def asset(self) -> dg.AssetKey:
+        return dg.AssetKey(self.asset_key)

@@ -1,4 +1,4 @@
-"""Schedules of one relay: the relay on a fixed cadence, daily retention, and the asset checks.
+"""Schedules of one relay: the relay on a fixed cadence, daily retention, the asset checks, run-history pruning.
 
 The relay schedule is the alternative to the pending-work sensor for teams that
 prefer a fixed cadence: stopped unless OUTBOX_SCHEDULE_ENABLED=true, cron from
@@ -48,4 +48,12 @@ def build_schedules(instance: RelayInstance, jobs: RelayJobs) -> list[dg.Schedul
         default_status=dg.DefaultScheduleStatus.RUNNING,
         description="Runs the asset's freshness and duplicate checks (OUTBOX_CHECK_CRON).",
     )
-    return [process_outbox_events_schedule, cleanup, checks]
+    prune = dg.ScheduleDefinition(
+        name=instance.named("prune_dagster_runs_schedule"),
+        job=jobs.prune,
+        cron_schedule=settings.prune_cron,
+        execution_timezone="UTC",
+        default_status=dg.DefaultScheduleStatus.RUNNING if settings.prune_enabled else dg.DefaultScheduleStatus.STOPPED,
+        description="Hourly rollups of the asset's figures, then the relay's old runs deleted (OUTBOX_PRUNE_CRON).",
+    )
+    return [process_outbox_events_schedule, cleanup, checks, prune]

@@ -107,6 +107,30 @@ class RelaySettings(ProducerSettings):
     retention_days: int = _env("OUTBOX_RETENTION_DAYS", 30, "cleanup_outbox deletes processed events older than this.", ge=1)
     replay_start_date: dt.date = _env("OUTBOX_REPLAY_START_DATE", dt.date(2026, 1, 1), "First partition of the replay job.")
     low_latency: bool = _env("OUTBOX_LOW_LATENCY", False, "Sub-second delivery through one long LISTEN/NOTIFY run.")
+
+    # -- following a steady stream (one long run instead of a run every few seconds) -------------
+    follow_seconds: float = _env(
+        "OUTBOX_FOLLOW_SECONDS", 1200.0, "A relay run keeps relaying new events this long after its backlog; 0: it ends.", ge=0
+    )
+    follow_quiet_seconds: float = _env(
+        "OUTBOX_FOLLOW_QUIET_SECONDS", 60.0, "A following run ends once no event arrived for this long.", gt=0
+    )
+    follow_interval_seconds: float = _env(
+        "OUTBOX_FOLLOW_INTERVAL_SECONDS", 2.0, "A following run looks for new events (and loads them) this often.", gt=0
+    )
+    materialization_window_seconds: float = _env(
+        "OUTBOX_MATERIALIZATION_WINDOW_SECONDS", 300.0, "A following run records one event_log materialization per window.", gt=0
+    )
+
+    # -- retention of Dagster's own run history --------------------------------------------------
+    run_retention_hours: float = _env(
+        "OUTBOX_RUN_RETENTION_HOURS", 24.0, "prune_dagster_runs deletes successful runs older than this.", gt=0
+    )
+    failed_run_retention_days: float = _env(
+        "OUTBOX_FAILED_RUN_RETENTION_DAYS", 30.0, "prune_dagster_runs deletes failed and canceled runs older than this.", gt=0
+    )
+    prune_cron: str = _env("OUTBOX_PRUNE_CRON", "5 * * * *", "Cron of the run-history pruning and hourly rollups (UTC).")
+    prune_enabled: bool = _env("OUTBOX_PRUNE_ENABLED", True, "Whether the pruning schedule runs by default.")
     freshness_max_lag_seconds: float = _env(
         "OUTBOX_FRESHNESS_MAX_LAG_SECONDS", 300.0, "The freshness check fails past this lag.", gt=0
     )
@@ -158,7 +182,7 @@ class RelaySettings(ProducerSettings):
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
 
-    @pydantic.field_validator("schedule_cron", "cleanup_cron", "check_cron", "cron_schedule")
+    @pydantic.field_validator("schedule_cron", "cleanup_cron", "check_cron", "prune_cron", "cron_schedule")
     @classmethod
     def _cron(cls, value: str | None, info: pydantic.ValidationInfo) -> str | None:
         if value is None:

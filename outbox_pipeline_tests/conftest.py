@@ -55,12 +55,17 @@ def clickhouse_url(tmp_path: Path) -> str:
 
 
 def relay_environment(outbox_database_url: str, clickhouse_url: str, state_dir: Path) -> dict[str, str]:
-    """Variables of a relay on the test stores, Sentry off."""
+    """Variables of a relay on the test stores, Sentry off.
+
+    Relay runs end with their backlog (OUTBOX_FOLLOW_SECONDS=0): a test of following a
+    stream sets its own limits in the run config.
+    """
     return {
         "OUTBOX_DATABASE_URL": outbox_database_url,
         "CLICKHOUSE_URL": clickhouse_url,
         "OUTBOX_STATE_DIR": str(state_dir),
         "OUTBOX_RETRY_BASE_SECONDS": "0.01",
+        "OUTBOX_FOLLOW_SECONDS": "0",
         "SENTRY_CONFIG_DSN": "",
         "DEBUG": "",
     }

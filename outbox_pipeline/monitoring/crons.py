@@ -4,8 +4,9 @@ Every relay run opens a check-in (``in_progress``) and closes it with ``ok`` or
 ``error`` under the same check-in id. Relay runs are started by a sensor only
 when events are pending, so a quiet outbox would look like a stopped relay:
 the lag sensor sends a single ``ok`` check-in (a heartbeat) while nothing is
-pending. Sentry therefore reports a missed check-in only when work waits and
-no run finishes in time.
+pending, and a run that follows a steady stream for many minutes sends one
+after every materialization window it records. Sentry therefore reports a
+missed check-in only when work waits and no run finishes or keeps up in time.
 
 Each relay of a code location has its own monitor: ``SENTRY_CRON_MONITOR_SLUG``
 (default ``outbox-relay``) for the default relay, ``<slug>-<relay>`` for the
@@ -78,6 +79,6 @@ class CronMonitor(dg.Config):
             monitor_slug=self.slug, check_in_id=check_in_id, status="ok" if ok else "error", duration=duration
         )
 
-    def idle_heartbeat(self) -> Optional[str]:
-        """A single ``ok`` check-in: nothing is pending, so nothing is late."""
+    def heartbeat(self) -> Optional[str]:
+        """A single ``ok`` check-in: nothing is late (nothing is pending, or a following run keeps up)."""
         return sentry_sdk.crons.capture_checkin(monitor_slug=self.slug, status="ok", monitor_config=self.monitor_config())

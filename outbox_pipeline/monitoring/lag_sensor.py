@@ -197,7 +197,7 @@ def check_lag(
         summary += f"; reported {report.kind} of incident {report.incident}"
     cron = CronMonitor.from_settings(settings, relay_name)
     if counts.pending == 0 and _heartbeat_due(new_state, now, cron):
-        cron.idle_heartbeat()
+        cron.heartbeat()
         new_state = dataclasses.replace(new_state, last_heartbeat=now)
     flush_sentry()
     return new_state, summary

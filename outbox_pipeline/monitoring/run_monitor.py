@@ -25,6 +25,7 @@ the report of a run whose worker died.
 
 import contextlib
 import dataclasses
+import datetime
 from collections.abc import Callable
 from typing import Any
 
@@ -190,6 +191,18 @@ class RelayRunMonitor(dg.ConfigurableResource):
 
     def span(self, op: str, description: str, **data: Any) -> contextlib.AbstractContextManager[Any]:
         return self._report.span(op, description, **data)
+
+    def finished_span(self, op: str, description: str, started_at: datetime.datetime, **data: Any) -> None:
+        self._report.finished_span(op, description, started_at, **data)
+
+    def heartbeat(self) -> None:
+        """An ``ok`` check-in while a long relay run keeps up, so its length never reads as a missed check-in."""
+        if not self._active or self._report.transaction is None:
+            return
+        try:
+            self._report.cron.heartbeat()
+        except Exception as exc:  # Sentry must not stop the relay
+            dg.get_dagster_logger().warning(f"could not send the Sentry heartbeat: {one_line(exc)}")
 
     def set_data(self, **data: Any) -> None:
         self._report.data.update(data)

@@ -1,4 +1,6 @@
-"""Ops of ``process_outbox_events``: extract batches, load each into ClickHouse, mark each processed.
+"""Ops of ``process_outbox_events``: extract batches, load each into ClickHouse, mark each processed, report.
+
+The run then follows the stream (ops/follow_ops.py) before it ends.
 
 Only small handles travel between ops (through the IO manager); the rows go
 straight from PostgreSQL's COPY into the ClickHouse insert inside ``load_batch``.
@@ -11,6 +13,7 @@ import dagster as dg
 
 from outbox_pipeline.errors import ConfigurationError, StoreBusyError
 from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor
+from outbox_pipeline.ops.event_log_events import relay_asset_events, relay_metadata
 from outbox_pipeline.relay import LoadResult, Relay
 from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
 from outbox_pipeline.retrying import call_with_retries, is_transient
@@ -24,6 +27,14 @@ from outbox_pipeline.stores.outbox_store import BatchHandle, OutboxCounts
 class ClaimedBatch:
     handle: BatchHandle
     deadline: float  # wall-clock time after which the run loads no more batches
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedBatch:
+    """What load_batch hands to mark_batch_processed: one input, so one step's bookkeeping less per batch."""
+
+    handle: BatchHandle
+    result: LoadResult
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +89,11 @@ def _transient_connect_error(exc: BaseException) -> bool:
 
 @dg.op(out=dg.DynamicOut(ClaimedBatch), description="Claim pending outbox batches for this run (extract).")
 def extract_outbox_batches(
-    context: dg.OpExecutionContext, config: RelayRunConfig, outbox: OutboxDatabaseResource, monitor: RelayRunMonitor
+    context: dg.OpExecutionContext,
+    config: RelayRunConfig,
+    outbox: OutboxDatabaseResource,
+    clickhouse: ClickHouseResource,
+    monitor: RelayRunMonitor,
 ):
     batch_size = config.batch_size or outbox.batch_size
     max_batches = config.max_batches or outbox.max_batches_per_run
@@ -100,8 +115,9 @@ def extract_outbox_batches(
         if handle is None:
             break
         claimed += 1
-        # Reading the first batch starts while the others are still being claimed.
-        outbox.prefetcher().plan([handle])
+        # Reading and inserting the first batch start while the others are still being claimed, and each
+        # next batch is inserted while Dagster records the steps of the previous one (see prefetch.py).
+        outbox.prefetcher().plan([handle], insert_into=lambda: clickhouse.store(busy_wait_seconds=0), deadline=deadline)
         yield dg.DynamicOutput(ClaimedBatch(handle, deadline), mapping_key=f"batch_{handle.batch_id}")
     context.log.info(f"claimed {claimed} batches")
 
@@ -116,13 +132,13 @@ def load_batch(
     outbox: OutboxDatabaseResource,
     clickhouse: ClickHouseResource,
     monitor: RelayRunMonitor,
-) -> LoadResult:
+) -> LoadedBatch:
     handle = claimed.handle
     relay = build_relay(context, outbox, monitor, prefetch=True)
     if time.time() >= claimed.deadline:
         relay.release(handle)
         context.log.info(f"run time limit reached: batch {handle.batch_id} released for the next run")
-        return LoadResult(handle.batch_id, handle.kind, handle.row_count, 0, (), 0, 0.0, lease_lost=True)
+        return LoadedBatch(handle, LoadResult(handle.batch_id, handle.kind, handle.row_count, 0, (), 0, 0.0, lease_lost=True))
     try:
         relay.event_log = connect_event_log(clickhouse, relay, monitor)
         with monitor.span("load", "insert batch into ClickHouse", batch_id=handle.batch_id, batch_size=handle.row_count) as span:
@@ -140,7 +156,7 @@ def load_batch(
     for event in result.rejected:
         context.log.warning(f"ClickHouse rejected event {event.event_id}: {event.error[:500]}")
     monitor.distribution("outbox.batch_processing_time", result.seconds, unit="second")
-    return result
+    return LoadedBatch(handle, result)
 
 
 # Priority: each batch is marked right after its load, not after every load of the run,
@@ -151,14 +167,14 @@ def load_batch(
 )
 def mark_batch_processed(
     context: dg.OpExecutionContext,
-    claimed: ClaimedBatch,
-    loaded: LoadResult,
+    batch: LoadedBatch,
     outbox: OutboxDatabaseResource,
     monitor: RelayRunMonitor,
 ) -> MarkedBatch:
     relay = build_relay(context, outbox, monitor)
+    loaded = batch.result
     with monitor.span("mark", "mark batch processed", batch_id=loaded.batch_id):
-        marked = relay.mark(loaded, claimed.handle)
+        marked = relay.mark(loaded, batch.handle)
     if marked:
         monitor.record_batch(loaded)
     elif not loaded.lease_lost:
@@ -169,31 +185,32 @@ def mark_batch_processed(
     )
 
 
-@dg.op(description="Record what the run did as metadata of the event_log asset.")
+@dg.op(description="Record what the run did with its backlog on the event_log asset, with the checks' evaluations.")
 def report_relay_run(
     context: dg.OpExecutionContext,
     batches: list[MarkedBatch],
     outbox: OutboxDatabaseResource,
     clickhouse: ClickHouseResource,
     monitor: RelayRunMonitor,
-) -> dg.Output[dict]:
+):
     stats = context.instance.get_run_stats(context.run_id)
-    duration = max(time.time() - (stats.start_time or time.time()), 1e-6)
+    started = stats.start_time or time.time()
     loaded = sum(b.loaded_rows for b in batches)
     counts = outbox.store().counts(include_processed=False)
-    lag = counts.oldest_pending_age_seconds or 0.0
     monitor.record_queue_after(counts)
-    metadata = {
-        "events_loaded": dg.MetadataValue.int(loaded),
-        "events_rejected": dg.MetadataValue.int(sum(b.rejected_rows for b in batches)),
-        "batches": dg.MetadataValue.int(sum(1 for b in batches if b.marked)),
-        "batches_released": dg.MetadataValue.int(sum(1 for b in batches if b.released)),
-        "duration_seconds": dg.MetadataValue.float(round(duration, 3)),
-        "events_per_second": dg.MetadataValue.float(round(loaded / duration, 1)),
-        "queue_size": dg.MetadataValue.int(counts.pending),
-        "oldest_pending_age_seconds": dg.MetadataValue.float(round(lag, 3)),
-        "failed_events": dg.MetadataValue.int(counts.failed),
-    }
+    metadata = relay_metadata(
+        events_loaded=loaded,
+        events_rejected=sum(b.rejected_rows for b in batches),
+        batches=sum(1 for b in batches if b.marked),
+        batches_released=sum(1 for b in batches if b.released),
+        seconds=time.time() - started,
+        counts=counts,
+    )
     if loaded:
-        context.log_event(dg.AssetMaterialization(asset_key=clickhouse.asset, metadata=metadata))
-    return dg.Output({key: value.value for key, value in metadata.items()}, metadata=metadata)
+        relay = build_relay(context, outbox, monitor)
+        yield from relay_asset_events(
+            clickhouse.asset, metadata, description=f"{loaded} events of the backlog", counts=counts,
+            max_lag_seconds=outbox.freshness_max_lag_seconds, event_log=connect_event_log(clickhouse, relay, monitor),
+            loaded_since=started,
+        )
+    yield dg.Output({key: value.value for key, value in metadata.items()}, metadata=metadata)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import psycopg
 
@@ -287,9 +287,35 @@ def copy_csv(conn: psycopg.Connection, query: str, params) -> bytearray:
     return buffer  # not copied into bytes: a batch can be tens of megabytes
 
 
+# COPY hands over pieces of a few kilobytes; a stream passes them on in pieces of about this size.
+STREAM_CHUNK_BYTES = 1 << 20
+
+
+def stream_csv(conn: psycopg.Connection, query: str, params, chunk_bytes: int | None = None) -> Iterator[bytes]:
+    """The rows of ``query`` as CSV pieces, read from COPY as they are consumed: memory stays at one piece.
+
+    Closing the generator before its end cancels the COPY, which leaves the connection usable.
+    """
+    chunk_bytes = chunk_bytes or STREAM_CHUNK_BYTES
+    with conn.cursor() as cur, cur.copy(f"COPY ({query}) {COPY_CSV}", params) as copy:
+        piece = bytearray()
+        for chunk in copy:
+            piece += chunk
+            if len(piece) >= chunk_bytes:
+                yield bytes(piece)
+                piece.clear()
+        if piece:
+            yield bytes(piece)
+
+
 def read_block_csv(conn: psycopg.Connection, handle: BatchHandle, start: int, stop: int) -> bytearray:
     """Rows ``start:stop`` of the batch as CSV in event_log column order."""
     return copy_csv(conn, *_batch_rows_query(handle, SELECT_EVENT_COLUMNS, start, stop))
+
+
+def stream_block_csv(conn: psycopg.Connection, handle: BatchHandle, start: int, stop: int) -> Iterator[bytes]:
+    """``read_block_csv`` as a stream of pieces (see ``stream_csv``): the same bytes, never all in memory."""
+    return stream_csv(conn, *_batch_rows_query(handle, SELECT_EVENT_COLUMNS, start, stop))
 
 
 def read_block_identities(conn: psycopg.Connection, handle: BatchHandle, start: int, stop: int) -> list[tuple[int, str]]:

@@ -61,11 +61,33 @@ def validate_clickhouse_url(url: str) -> None:
         raise ConfigurationError(f"CLICKHOUSE_URL has no host; {_URL_HELP}")
 
 
+# A waiting process touches this file beside the directory; a relay run that follows a
+# stream (and so would hold the directory for many minutes) lets go when it sees it.
+_WANTED_FRESH_SECONDS = 5.0
+
+
+def _wanted_marker(directory: Path) -> Path:
+    return directory.with_name(directory.name + ".wanted")
+
+
+def chdb_directory_wanted(url: str) -> bool:
+    """Whether another process is waiting for the embedded ClickHouse directory of ``url`` right now."""
+    directory = chdb_path(url)
+    if directory is None:
+        return False
+    try:
+        return time.time() - _wanted_marker(directory.resolve()).stat().st_mtime < _WANTED_FRESH_SECONDS
+    except OSError:
+        return False
+
+
 class _ChdbDirectoryLock:
     """A process-wide, reference-counted flock on ``<dir>.lock``.
 
     flock conflicts between two open files even inside one process, so every
-    client of this process shares one lock file descriptor.
+    client of this process shares one lock file descriptor. While it waits, a
+    process keeps ``<dir>.wanted`` fresh, so a long-running holder that looks for it
+    (a following relay run) releases the directory between two loads.
     """
 
     _lock = threading.Lock()
@@ -83,19 +105,27 @@ class _ChdbDirectoryLock:
             lock_path = directory.with_name(directory.name + ".lock")
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
             deadline = time.monotonic() + wait_seconds
+            wanted = _wanted_marker(directory)
+            waited = False
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
+                        if waited:
+                            wanted.unlink(missing_ok=True)
                         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
                         os.close(fd)
                         raise StoreBusyError(
                             f"the embedded ClickHouse directory {directory} is in use by another process (pid {holder}); "
                             "only one process can open it: wait for the running relay to finish, or stop `dagster dev` first"
                         ) from None
+                    wanted.touch()
+                    waited = True
                     time.sleep(0.1)
+            if waited:
+                wanted.unlink(missing_ok=True)
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             cls._held[directory] = (fd, 1)

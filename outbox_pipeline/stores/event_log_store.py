@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import uuid
+from collections.abc import Iterable
 
 from outbox_pipeline.errors import ConfigurationError
 from outbox_pipeline.event_columns import DEFAULT_TABLE, EVENT_COLUMNS
@@ -56,7 +57,9 @@ CREATE TABLE IF NOT EXISTS {quoted_table_name(table)}
     metadata_version  UInt32 DEFAULT 1,
     -- when the relay's insert became visible: commit-to-ClickHouse lag is measured from it
     loaded_at         DateTime64(6, 'UTC') DEFAULT now64(6),
-    INDEX event_id_bloom event_id TYPE bloom_filter(0.001) GRANULARITY 4
+    INDEX event_id_bloom event_id TYPE bloom_filter(0.001) GRANULARITY 4,
+    -- lets a relay run's duplicate check find what it just loaded without reading the whole column
+    INDEX loaded_at_minmax loaded_at TYPE minmax GRANULARITY 1
 )
 ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(event_date_time)
@@ -96,9 +99,13 @@ class EventLogStore:
     def migrate(self) -> None:
         self.client.command(create_table_sql(self.table))
 
-    def insert_csv(self, csv_block: bytes, *, deduplication_token: str) -> None:
-        """Insert rows in EVENT_COLUMNS order; a retry with the same token and rows inserts nothing."""
-        if not csv_block:
+    def insert_csv(self, csv_block: bytes | Iterable[bytes], *, deduplication_token: str) -> None:
+        """Insert rows in EVENT_COLUMNS order; a retry with the same token and rows inserts nothing.
+
+        ``csv_block`` is the CSV, or an iterable of its pieces: the insert streams them
+        (HTTP: a chunked request body; chDB: the file it inserts from) without joining them.
+        """
+        if isinstance(csv_block, (bytes, bytearray)) and not csv_block:
             return
         self.client.raw_insert(
             self._table_sql,
@@ -111,6 +118,25 @@ class EventLogStore:
     def counts(self) -> tuple[int, int]:
         """(rows, distinct event_ids), both with a plain read: no FINAL."""
         rows, distinct = self.client.query(f"SELECT count(), uniqExact(event_id) FROM {self._table_sql}").result_rows[0]
+        return int(rows), int(distinct)
+
+    def counts_loaded_since(self, since: dt.datetime) -> tuple[int, int]:
+        """(rows, distinct event_ids) over every copy of the events loaded at or after ``since``.
+
+        Equal when none of those events is in the table twice, whenever its other
+        copy was loaded. Both copies of an event share its event_date_time (part of
+        the sorting key), so only the time range of the new rows is read, not the
+        whole table: what a relay run can afford after every window it records.
+        """
+        rows, distinct = self.client.query(
+            f"WITH recent AS (SELECT event_id, event_date_time FROM {self._table_sql} "
+            "WHERE loaded_at >= toDateTime64({since:String}, 6, 'UTC')) "
+            f"SELECT count(), uniqExact(event_id) FROM {self._table_sql} "
+            "WHERE event_date_time >= (SELECT min(event_date_time) FROM recent) "
+            "AND event_date_time <= (SELECT max(event_date_time) FROM recent) "
+            "AND event_id IN (SELECT event_id FROM recent)",
+            parameters={"since": since.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")},
+        ).result_rows[0]
         return int(rows), int(distinct)
 
     def present_event_ids(self, day: dt.date, event_ids: list[str]) -> set[str]:

@@ -15,7 +15,7 @@ and the relay is registered:
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import psycopg
 
@@ -131,6 +131,9 @@ class OutboxStore:
 
     def read_block_csv(self, handle: BatchHandle, start: int, stop: int) -> bytearray:
         return batches.read_block_csv(self.conn, handle, start, stop)
+
+    def stream_block_csv(self, handle: BatchHandle, start: int, stop: int) -> Iterator[bytes]:
+        return batches.stream_block_csv(self.conn, handle, start, stop)
 
     def read_block_identities(self, handle: BatchHandle, start: int, stop: int) -> list[tuple[int, str]]:
         return batches.read_block_identities(self.conn, handle, start, stop)

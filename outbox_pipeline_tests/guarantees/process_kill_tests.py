@@ -45,8 +45,12 @@ def kill_run(env: dict, runner: str, step: str, *, kill_at: int = 1) -> None:
 
 
 # (runner, kill point, n-th step): the job claims its batches up front, then loads and marks
-# them; the drain loop claims, loads and marks one batch at a time.
-KILLS = [("job", "claim", 1), ("job", "insert", 1), ("job", "insert", 2), ("job", "mark", 1), ("drain", "insert", 2)]
+# them; the drain loop claims, loads and marks one batch at a time; the following job loads
+# one batch of its backlog, then the others in its follow_outbox op, where the 2nd insert happens.
+KILLS = [
+    ("job", "claim", 1), ("job", "insert", 1), ("job", "insert", 2), ("job", "mark", 1), ("drain", "insert", 2),
+    ("follow", "insert", 2),
+]
 
 
 def assert_died_right_after(step: str, kill_at: int, rows: int, processed: int) -> None:

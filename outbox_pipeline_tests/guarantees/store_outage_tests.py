@@ -156,8 +156,8 @@ def test_connection_reset_after_the_insert_executed_is_retried_and_deduplicated(
     env, outbox = http_relay_env
     monkeypatch.setenv("SENTRY_CONFIG_DSN", sentry_recorder.dsn)
     publish_raw(env["OUTBOX_DATABASE_URL"], EVENTS)
-    # The first insert is written, then its connection dropped, twice: clickhouse-connect replays a
-    # request whose connection the server closed once on its own, the relay's retry sends it a third time.
+    # The first insert is written, then its connection dropped, twice. The body is streamed from
+    # PostgreSQL, so clickhouse-connect cannot replay it: the relay's retries send it a second and a third time.
     set_faults(env["CLICKHOUSE_URL"], reset_next_n=2, reset_after_execute=True, match=r"INSERT INTO .*event_log")
     with event_log_store(env["CLICKHOUSE_URL"]) as event_log:
         event_log.client.command("SYSTEM STOP MERGES event_log")  # no merge may hide a second copy
@@ -166,12 +166,12 @@ def test_connection_reset_after_the_insert_executed_is_retried_and_deduplicated(
 
     assert result.success, failure_messages(result)
     assert get_faults(env["CLICKHOUSE_URL"])["injected"]["reset"] == 2
-    assert run_transaction_data(sentry_recorder)["retry_attempts"] == 1
+    assert run_transaction_data(sentry_recorder)["retry_attempts"] == 2
     assert clickhouse_counts(env["CLICKHOUSE_URL"]) == (EVENTS, EVENTS)
     assert outbox_state(outbox) == (0, EVENTS, 0)
 
 
-@pytest.mark.parametrize("method", ["claim_next_batch", "read_block_csv", "complete_batch"])
+@pytest.mark.parametrize("method", ["claim_next_batch", "stream_block_csv", "complete_batch"])
 def test_postgres_backend_terminated_mid_run_reconnects_and_the_run_succeeds(relay_env, outbox, monkeypatch, method):
     publish_raw(relay_env["OUTBOX_DATABASE_URL"], EVENTS)
     original = getattr(OutboxStore, method)
@@ -192,4 +192,32 @@ def test_postgres_backend_terminated_mid_run_reconnects_and_the_run_succeeds(rel
     assert result.success, failure_messages(result)
     with event_log_store(relay_env["CLICKHOUSE_URL"]) as event_log:
         assert event_log.counts() == (EVENTS, EVENTS)
+    assert outbox_state(outbox) == (0, EVENTS, 0)
+
+
+def test_postgres_backend_terminated_while_a_batch_streams_into_clickhouse_reconnects(relay_env, outbox, monkeypatch):
+    """Without read-ahead (a following run, the command line) the batch streams on the run's own connection."""
+    from outbox_pipeline.relay import Relay, RelayPolicy
+    from outbox_pipeline.retrying import BackoffPolicy
+
+    publish_raw(relay_env["OUTBOX_DATABASE_URL"], EVENTS)
+    original = OutboxStore.stream_block_csv
+    terminated = []
+
+    def lose_the_backend_as_the_insert_starts_reading(self, *args, **kwargs):
+        # Runs when the insert asks for the first piece: the ClickHouse request is under way.
+        if not terminated:
+            with psycopg.connect(relay_env["OUTBOX_DATABASE_URL"], autocommit=True) as admin:
+                terminated.append(admin.execute("SELECT pg_terminate_backend(%s)", (self.conn.info.backend_pid,)).fetchone()[0])
+        yield from original(self, *args, **kwargs)
+
+    monkeypatch.setattr(OutboxStore, "stream_block_csv", lose_the_backend_as_the_insert_starts_reading)
+    store = OutboxStore.connect(relay_env["OUTBOX_DATABASE_URL"])
+    with event_log_store(relay_env["CLICKHOUSE_URL"]) as event_log:
+        relay = Relay(store, event_log, RelayPolicy(batch_size=BATCH, retry=BackoffPolicy(5, 0.01)), claimed_by="test")
+        totals = relay.drain()
+        assert event_log.counts() == (EVENTS, EVENTS)
+    store.close()
+    assert terminated == [True]
+    assert totals.events_loaded == EVENTS and relay.retries >= 1
     assert outbox_state(outbox) == (0, EVENTS, 0)

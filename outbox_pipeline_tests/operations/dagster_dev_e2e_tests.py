@@ -235,6 +235,8 @@ def stack_environment(state_dir: Path, home: Path) -> dict[str, str]:
         "OUTBOX_STATE_DIR": str(state_dir),
         "OUTBOX_SENSOR_INTERVAL_SECONDS": "1",
         "OUTBOX_BATCH_SIZE": "500",
+        # Sensor runs follow the stream as by default, and end a few seconds after it goes quiet.
+        "OUTBOX_FOLLOW_QUIET_SECONDS": "5",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
 
@@ -502,3 +504,49 @@ def test_execute_checks_from_the_asset_page_queues_behind_a_run_holding_the_embe
         executions = stack.graphql(CHECK_EXECUTIONS, name=check["name"])["assetCheckExecutions"]
         [ours] = [execution for execution in executions if execution["runId"] == check_run]
         assert ours["status"] == "SUCCEEDED", ours
+
+
+RUN_MESSAGES = """
+query Logs($runId: ID!) {
+  logsForRun(runId: $runId, limit: 500) {
+    __typename
+    ... on EventConnection { events { __typename ... on MessageEvent { message } } }
+  }
+}
+"""
+
+
+def test_a_following_run_ends_when_execute_checks_is_queued_behind_it(dagster_dev: Stack):
+    stack = dagster_dev
+    stack.wait_for("the code location to load", lambda: location_loaded(stack), timeout=120)
+
+    # A relay run that would follow the stream for two minutes, holding the embedded ClickHouse.
+    relay_run = launch_run(
+        stack, {"jobName": "process_outbox_events"},
+        {"ops": {"follow_outbox": {"config": {"follow_seconds": 120, "quiet_seconds": 120}}}},
+    )
+
+    def following():
+        messages = stack.graphql(RUN_MESSAGES, runId=relay_run)["logsForRun"]["events"]
+        return any("following new events" in (event.get("message") or "") for event in messages)
+
+    stack.wait_for("the relay run to follow the stream", following)
+
+    checks = stack.graphql(ASSET_QUERY)["assetOrError"]["definition"]["assetChecksOrError"]["checks"]
+    check_run = launch_run(
+        stack,
+        {
+            "jobName": "__ASSET_JOB",
+            "assetSelection": [],
+            "assetCheckSelection": [{"assetKey": {"path": ["event_log"]}, "name": check["name"]} for check in checks],
+        },
+    )
+    queued_at = time.monotonic()
+    # The queued check run ends the following run within a few looks, not after its two minutes.
+    stack.wait_for("the relay run to end", lambda: run_of(stack, relay_run)["status"] in TERMINAL_RUN_STATUSES, timeout=60)
+    assert run_of(stack, relay_run)["status"] == "SUCCESS"
+    assert time.monotonic() - queued_at < 45
+    messages = [event.get("message") or "" for event in stack.graphql(RUN_MESSAGES, runId=relay_run)["logsForRun"]["events"]]
+    assert any("a queued run waits for the embedded ClickHouse" in message for message in messages), messages[-10:]
+    stack.wait_for("the check run", lambda: run_of(stack, check_run)["status"] in TERMINAL_RUN_STATUSES)
+    assert run_of(stack, check_run)["status"] == "SUCCESS"

@@ -18,10 +18,19 @@ def publish_raw(url: str, count: int, *, event_type: str = "test_event", start: 
     return events
 
 
-def run_relay(instance: dg.DagsterInstance | None = None, *, run_config: dict | None = None, **overrides):
-    """Execute process_outbox_events in process with the project's resources built from the environment."""
+def run_relay(
+    instance: dg.DagsterInstance | None = None, *, run_config: dict | None = None, follow: dict | None = None, **overrides
+):
+    """Execute process_outbox_events in process with the project's resources built from the environment.
+
+    ``run_config`` configures the backlog (extract_outbox_batches), ``follow`` the following of the stream.
+    """
     resources = {**build_resources(), **overrides}
-    config = {"ops": {"extract_outbox_batches": {"config": run_config}}} if run_config else None
+    ops = {}
+    if run_config:
+        ops["extract_outbox_batches"] = {"config": run_config}
+    if follow:
+        ops["follow_outbox"] = {"config": follow}
     return process_outbox_events.execute_in_process(
-        instance=instance, resources=resources, run_config=config, raise_on_error=False
+        instance=instance, resources=resources, run_config={"ops": ops} if ops else None, raise_on_error=False
     )

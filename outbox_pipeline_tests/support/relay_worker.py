@@ -1,7 +1,9 @@
 """A relay run in a process of its own, for fault-injection tests.
 
-Runs the real Dagster job ``process_outbox_events`` (``job``) or the framework-free
-``Relay.drain`` loop (``drain``) against the stores named by the environment
+Runs the real Dagster job ``process_outbox_events`` (``job``; ``follow``: one batch of
+the backlog, then the rest through its ``follow_outbox`` op, as a run following a
+stream) or the framework-free ``Relay.drain`` loop (``drain``) against the stores
+named by the environment
 (OUTBOX_DATABASE_URL, CLICKHOUSE_URL, OUTBOX_LEASE_SECONDS, ...)::
 
     python -m outbox_pipeline_tests.support.relay_worker job --kill-after insert
@@ -113,18 +115,28 @@ def component_relay_job(defs_yaml: Path):
     return defs.resolve_job_def(component.relay_instance().named("process_outbox_events"))
 
 
-def run_job_once(instance, batch_size: int | None, max_batches: int | None, component: Path | None = None) -> dict:
+# The ``follow`` runner: the job claims one batch of its backlog, then its follow_outbox op loads the rest.
+FOLLOW = {"follow_seconds": 60, "quiet_seconds": 2, "interval_seconds": 0.1, "window_seconds": 1}
+
+
+def run_job_once(
+    instance, batch_size: int | None, max_batches: int | None, follow: dict | None = None, component: Path | None = None
+) -> dict:
     from outbox_pipeline_tests.support.relay_runs import run_relay
 
     run_config = {key: value for key, value in (("batch_size", batch_size), ("max_batches", max_batches)) if value}
     if component is None:
-        result = run_relay(instance, run_config=run_config or None)
+        result = run_relay(instance, run_config=run_config or None, follow=follow)
     else:
         config = {"ops": {"extract_outbox_batches": {"config": run_config}}} if run_config else None
         result = component_relay_job(component).execute_in_process(instance=instance, run_config=config, raise_on_error=False)
     if result.success:
-        summary = result.output_for_node("report_relay_run")
-        return {"events_loaded": summary["events_loaded"], "batches": summary["batches"], "failure": None}
+        backlog, followed = result.output_for_node("report_relay_run"), result.output_for_node("follow_outbox")
+        return {
+            "events_loaded": backlog["events_loaded"] + followed["events_loaded"],
+            "batches": backlog["batches"] + followed["batches"],
+            "failure": None,
+        }
     failures = [
         f"{event.step_key}: {event.step_failure_data.error.cls_name}: {event.step_failure_data.error.message.strip()}"
         for event in result.get_step_failure_events()
@@ -160,7 +172,7 @@ class DrainRunner:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("runner", choices=("job", "drain"))
+    parser.add_argument("runner", choices=("job", "follow", "drain"))
     parser.add_argument("--kill-after", choices=sorted(KILL_POINTS), default=None)
     parser.add_argument("--kill-at", type=int, default=1, help="kill after the N-th such step (default 1)")
     parser.add_argument("--batch-size", type=int, default=None)
@@ -174,11 +186,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.kill_after:
         install_kill_point(args.kill_after, args.kill_at)
-    if args.runner == "job":
+    if args.runner in ("job", "follow"):
         import dagster as dg
 
         instance = dg.DagsterInstance.ephemeral()
-        run_once = lambda: run_job_once(instance, args.batch_size, args.max_batches, args.component)  # noqa: E731
+        if args.runner == "follow":
+            if args.batch_size:
+                # follow_outbox claims batches of the relay's batch size (the resource reads it from here).
+                os.environ["OUTBOX_BATCH_SIZE"] = str(args.batch_size)
+            run_once = lambda: run_job_once(instance, args.batch_size, args.max_batches or 1, FOLLOW)  # noqa: E731
+        else:
+            run_once = lambda: run_job_once(instance, args.batch_size, args.max_batches, component=args.component)  # noqa: E731
         close = lambda: None  # noqa: E731
     else:
         runner = DrainRunner(args.batch_size, args.max_batches, args.relay, args.event_types, args.table)

@@ -1,0 +1,134 @@
+"""One relay run follows a steady stream: exactly once, bounded, and it ends by itself.
+
+Real stores throughout: a producer thread commits events into the PostgreSQL outbox
+while ``process_outbox_events`` runs in process against chDB.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from outbox_pipeline_tests.conftest import event_log_store
+from outbox_pipeline_tests.support.relay_runs import publish_raw, run_relay
+
+# Short limits so a test takes seconds: look every 0.1 s, a window per second, quiet after 1.5 s.
+FAST = {"interval_seconds": 0.1, "window_seconds": 1.0, "quiet_seconds": 1.5}
+
+
+class Producer(threading.Thread):
+    """Commits ``per_round`` events every ``pause`` seconds for ``seconds`` seconds."""
+
+    def __init__(self, url: str, *, seconds: float, per_round: int = 20, pause: float = 0.1):
+        super().__init__(daemon=True)
+        self.url, self.seconds, self.per_round, self.pause = url, seconds, per_round, pause
+        self.published = 0
+        self.failure: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            stop = time.monotonic() + self.seconds
+            while time.monotonic() < stop:
+                publish_raw(self.url, self.per_round, start=self.published)
+                self.published += self.per_round
+                time.sleep(self.pause)
+        except BaseException as exc:  # surfaced by the test
+            self.failure = exc
+
+    def finish(self) -> int:
+        self.join(timeout=60)
+        assert self.failure is None, self.failure
+        return self.published
+
+
+def materializations(instance: dg.DagsterInstance, run_id: str) -> list:
+    records = instance.fetch_materializations(dg.AssetKey("event_log"), limit=1000).records
+    return [record for record in records if record.run_id == run_id]
+
+
+def test_a_run_follows_a_stream_exactly_once_and_ends_when_it_goes_quiet(relay_env, outbox):
+    url = relay_env["OUTBOX_DATABASE_URL"]
+    publish_raw(url, 50, start=100_000)  # the backlog the run starts with
+    producer = Producer(url, seconds=3.0)
+    producer.start()
+    started = time.monotonic()
+    with dg.instance_for_test() as instance:
+        result = run_relay(instance, follow={"follow_seconds": 60, **FAST})
+        took = time.monotonic() - started
+        published = producer.finish() + 50
+        assert result.success
+        followed = result.output_for_node("follow_outbox")
+        windows = materializations(instance, result.run_id)
+        stats = instance.get_run_stats(result.run_id)
+
+    assert followed["ended"] == "quiet"
+    # It ran while the producer did, then stopped about quiet_seconds after the last event: not at its maximum.
+    assert 3.0 <= took < 30
+    assert followed["drains"] >= 5  # it kept loading as events arrived, not once at the end
+    backlog = result.output_for_node("report_relay_run")["events_loaded"]
+    assert backlog + followed["events_loaded"] == published
+    with event_log_store(relay_env["CLICKHOUSE_URL"]) as event_log:
+        assert event_log.counts() == (published, published)
+    assert outbox.counts().pending == 0
+    # One materialization for the backlog and one per window: far fewer than the loads, and one Dagster step.
+    assert 2 <= len(windows) <= followed["drains"]
+    assert sum(w.asset_materialization.metadata["events_loaded"].value for w in windows) == published
+    assert stats.steps_succeeded == 5  # extract, load, mark, report, follow
+
+
+def test_a_following_run_stops_at_its_maximum_and_the_next_run_takes_the_rest(relay_env, outbox):
+    url = relay_env["OUTBOX_DATABASE_URL"]
+    producer = Producer(url, seconds=4.0)
+    producer.start()
+    first = run_relay(follow={"follow_seconds": 1.5, **FAST})
+    assert first.success
+    followed = first.output_for_node("follow_outbox")
+    assert followed["ended"] == "maximum"
+    assert followed["seconds"] < 3.5  # it did not wait for the producer to stop
+    published = producer.finish()
+    assert 0 < followed["events_loaded"] < published
+
+    second = run_relay()  # OUTBOX_FOLLOW_SECONDS=0 in the tests' environment: the backlog only
+    assert second.success and second.output_for_node("follow_outbox")["ended"].startswith("not following")
+    with event_log_store(relay_env["CLICKHOUSE_URL"]) as event_log:
+        assert event_log.counts() == (published, published)
+    assert outbox.counts().pending == 0
+
+
+def test_follow_seconds_zero_ends_the_run_with_its_backlog(relay_env):
+    publish_raw(relay_env["OUTBOX_DATABASE_URL"], 10)
+    started = time.monotonic()
+    result = run_relay(follow={"follow_seconds": 0, "quiet_seconds": 30})
+    assert result.success and time.monotonic() - started < 20
+    assert result.output_for_node("follow_outbox")["drains"] == 0
+    assert result.output_for_node("report_relay_run")["events_loaded"] == 10
+
+
+def test_a_command_reads_the_embedded_clickhouse_while_a_run_follows_the_stream(relay_env, outbox):
+    url = relay_env["OUTBOX_DATABASE_URL"]
+    publish_raw(url, 30)
+    outcome = {}
+    run = threading.Thread(
+        target=lambda: outcome.update(result=run_relay(follow={"follow_seconds": 60, **FAST, "quiet_seconds": 10})),
+        daemon=True,
+    )
+    run.start()
+    time.sleep(2)  # the run now follows, holding the chDB directory
+    # `outbox-pipeline status` in another process waits for the directory; the run lets go between two loads.
+    status = subprocess.run(
+        [str(Path(sys.executable).parent / "outbox-pipeline"), "status", "--json"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "OUTBOX_CLICKHOUSE_BUSY_WAIT_SECONDS": "4"},
+    )
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["clickhouse_rows"] == 30
+    publish_raw(url, 20, start=30)  # the run takes the directory back and relays these too
+    run.join(timeout=60)
+    result = outcome["result"]
+    assert result.success and result.output_for_node("follow_outbox")["ended"] == "quiet"
+    with event_log_store(relay_env["CLICKHOUSE_URL"]) as event_log:
+        assert event_log.counts() == (50, 50)
