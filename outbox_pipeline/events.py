@@ -21,12 +21,12 @@ from typing import ClassVar
 import pydantic
 import pydantic_core
 
-from outbox_pipeline.settings import producer_settings
 from outbox_pipeline.errors import EventRejectedError
+from outbox_pipeline.settings import producer_settings
 
 # ClickHouse DateTime64(6) holds 1900-01-01 to 2299-12-31; anything outside would be rejected at load time.
-EARLIEST_EVENT_TIME = dt.datetime(1900, 1, 1, tzinfo=dt.timezone.utc)
-LATEST_EVENT_TIME = dt.datetime(2299, 12, 31, 23, 59, 59, 999999, tzinfo=dt.timezone.utc)
+EARLIEST_EVENT_TIME = dt.datetime(1900, 1, 1, tzinfo=dt.UTC)
+LATEST_EVENT_TIME = dt.datetime(2299, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC)
 DEFAULT_MAX_EVENT_BYTES = 1_048_576
 
 _BASE_FIELDS = {"event_id", "event_date_time", "environment", "metadata_version"}
@@ -44,7 +44,7 @@ def default_environment() -> str:
 
 
 def _utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class OutboxEvent(pydantic.BaseModel):
@@ -70,7 +70,7 @@ class OutboxEvent(pydantic.BaseModel):
     def _aware_utc(cls, value: dt.datetime) -> dt.datetime:
         if value.tzinfo is None:
             raise ValueError("event_date_time must be timezone-aware (use datetime.now(timezone.utc))")
-        return value.astimezone(dt.timezone.utc)
+        return value.astimezone(dt.UTC)
 
     def event_context(self) -> str:
         """The payload as JSON: every field except the envelope fields."""

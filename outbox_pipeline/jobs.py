@@ -103,7 +103,7 @@ def pruned_job_names(instance: RelayInstance) -> list[str]:
 
 def build_jobs(instance: RelayInstance, resources: dict) -> RelayJobs:
     """The relay's jobs, bound to its resources (``outbox``, ``clickhouse``, ``monitor``)."""
-    common = dict(executor_def=dg.in_process_executor, hooks={sentry_on_failure}, resource_defs=resources)
+    common = {"executor_def": dg.in_process_executor, "hooks": {sentry_on_failure}, "resource_defs": resources}
     which = f" (relay {instance.name}: {instance.described_event_types} into {instance.table})"
     return RelayJobs(
         process=relay_graph.to_job(

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from outbox_pipeline import publish_tracing
 from outbox_pipeline.event_columns import DEFAULT_TABLE
 from outbox_pipeline.events import OutboxEvent, RawEvent, outbox_rows
+from outbox_pipeline.settings import producer_settings
 from outbox_pipeline.stores.producer_sql import (
     COPY_EVENTS_IN,
     COPY_TRACED_EVENTS_IN,
@@ -29,7 +30,6 @@ from outbox_pipeline.stores.producer_sql import (
     TRACE_COLUMNS,
     TRACE_COLUMNS_PRESENT,
 )
-from outbox_pipeline.settings import producer_settings
 
 Event = OutboxEvent | RawEvent
 

@@ -60,7 +60,7 @@ class RelayInstance:
         return RelayIdentity(self.name, self.event_types)
 
     @classmethod
-    def from_settings(cls, settings: RelaySettings) -> "RelayInstance":
+    def from_settings(cls, settings: RelaySettings) -> RelayInstance:
         """The default relay: everything from the environment."""
         return cls(
             name=DEFAULT_RELAY,

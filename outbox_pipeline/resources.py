@@ -20,8 +20,8 @@ from outbox_pipeline.retrying import BackoffPolicy
 from outbox_pipeline.stores.clickhouse_connection import chdb_directory_wanted, chdb_path
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import OutboxStore
-from outbox_pipeline.stores.relay_identity import RelayIdentity
 from outbox_pipeline.stores.postgres_connection import embedded_postgres_url, validate_postgres_url
+from outbox_pipeline.stores.relay_identity import RelayIdentity
 
 
 class OutboxDatabaseResource(dg.ConfigurableResource):

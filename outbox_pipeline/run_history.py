@@ -121,7 +121,7 @@ def _record_rollup(instance: dg.DagsterInstance, asset_key: dg.AssetKey, hour: f
         dg.AssetObservation(
             asset_key=asset_key,
             description=f"hourly rollup of {len(records)} materializations of "
-            f"{dt.datetime.fromtimestamp(hour, dt.timezone.utc):%Y-%m-%d %H:00} UTC",
+            f"{dt.datetime.fromtimestamp(hour, dt.UTC):%Y-%m-%d %H:00} UTC",
             metadata={
                 "hour_events_loaded": total("events_loaded"),
                 "hour_events_rejected": total("events_rejected"),
@@ -146,7 +146,7 @@ def _record_rollup(instance: dg.DagsterInstance, asset_key: dg.AssetKey, hour: f
 def _runs_before(instance: dg.DagsterInstance, job_name: str, statuses: list, cutoff: float, limit: int) -> list:
     return instance.get_run_records(
         dg.RunsFilter(
-            job_name=job_name, statuses=statuses, updated_before=dt.datetime.fromtimestamp(cutoff, dt.timezone.utc)
+            job_name=job_name, statuses=statuses, updated_before=dt.datetime.fromtimestamp(cutoff, dt.UTC)
         ),
         limit=limit,
         ascending=True,

@@ -191,7 +191,7 @@ class RelaySettings(ProducerSettings):
         return validate_cron(str(alias), value.strip())
 
     @pydantic.model_validator(mode="after")
-    def _ordered_thresholds(self) -> "RelaySettings":
+    def _ordered_thresholds(self) -> RelaySettings:
         if self.lag_error_seconds < self.lag_warning_seconds:
             raise ConfigurationError(
                 "OUTBOX_LAG_ERROR_SECONDS must not be below OUTBOX_LAG_WARNING_SECONDS "
@@ -223,7 +223,7 @@ class RelaySettings(ProducerSettings):
         return self.state_dir / "postgres"
 
     @property
-    def sentry(self) -> "SentrySettings":
+    def sentry(self) -> SentrySettings:
         from outbox_pipeline.monitoring.sentry_setup import SentrySettings
 
         return SentrySettings(

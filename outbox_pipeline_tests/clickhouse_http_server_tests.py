@@ -40,7 +40,7 @@ COLUMNS = ["event_id", "event_type", "occurred_at", "payload", "attempt"]
 
 
 def _rows(count: int, start: int = 0) -> list[list[object]]:
-    base = dt.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=dt.timezone.utc)
+    base = dt.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=dt.UTC)
     return [
         [
             uuid.UUID(int=start + i + 1),

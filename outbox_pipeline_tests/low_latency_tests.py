@@ -4,9 +4,9 @@ import time
 import dagster as dg
 
 from outbox_pipeline.definitions import build_resources
-from outbox_pipeline_tests.support.default_relay import process_outbox_events, relay_low_latency
 from outbox_pipeline_tests.conftest import event_log_store
 from outbox_pipeline_tests.sensors_tests import evaluate, run_requests
+from outbox_pipeline_tests.support.default_relay import process_outbox_events, relay_low_latency
 from outbox_pipeline_tests.support.relay_runs import publish_raw, run_relay
 
 

@@ -39,7 +39,7 @@ def test_context_is_the_payload_json_only():
 
 def test_publish_inside_committed_transaction(outbox, relay_env):
     url = relay_env["OUTBOX_DATABASE_URL"]
-    when = dt.datetime(2026, 11, 29, 10, 11, 12, 123456, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2026, 11, 29, 10, 11, 12, 123456, tzinfo=dt.UTC)
     event = UserCreated(user_id=1, email="u@example.com", event_date_time=when, environment="test")
     with psycopg.connect(url) as conn:
         conn.execute("CREATE TABLE users (id int primary key)")
@@ -107,7 +107,7 @@ def test_publish_through_sqlalchemy_session(outbox, relay_env):
     "event, message",
     [
         (RawEvent(event_type="big", context="x" * 2_000_000), "over the limit"),
-        (RawEvent(event_type="old", context="{}", event_date_time=dt.datetime(1800, 1, 1, tzinfo=dt.timezone.utc)), "outside ClickHouse's range"),
+        (RawEvent(event_type="old", context="{}", event_date_time=dt.datetime(1800, 1, 1, tzinfo=dt.UTC)), "outside ClickHouse's range"),
         (RawEvent(event_type="bad_text", context='{"s": "\ud800"}'), "not valid UTF-8"),
         (RawEvent(event_type="", context="{}"), "event_type is empty"),
     ],
@@ -144,7 +144,7 @@ BAD_EVENTS = {
     "negative_metadata_version": ("metadata_version", lambda call: RawEvent(event_type="bad", context="{}", metadata_version=-1)),
     "time_out_of_range": (
         "event_date_time",
-        lambda call: RawEvent(event_type="bad", context="{}", event_date_time=dt.datetime(1800, 1, 1, tzinfo=dt.timezone.utc)),
+        lambda call: RawEvent(event_type="bad", context="{}", event_date_time=dt.datetime(1800, 1, 1, tzinfo=dt.UTC)),
     ),
     "naive_time": ("event_date_time", lambda call: RawEvent(event_type="bad", context="{}", event_date_time=dt.datetime(2026, 1, 1))),
     "event_id_twice_in_the_call": ("event_id", lambda call: RawEvent(event_type="bad", context="{}", event_id=call[0].event_id)),

@@ -25,7 +25,7 @@ AWKWARD_CONTEXTS = [
 
 def test_one_run_moves_more_events_than_a_batch_field_by_field(relay_env, outbox):
     url = relay_env["OUTBOX_DATABASE_URL"]
-    base = dt.datetime(2026, 11, 29, 8, 0, 0, 1, tzinfo=dt.timezone.utc)
+    base = dt.datetime(2026, 11, 29, 8, 0, 0, 1, tzinfo=dt.UTC)
     events = [
         RawEvent(
             event_type=f"type_{n % 3}",
@@ -52,7 +52,7 @@ def test_one_run_moves_more_events_than_a_batch_field_by_field(relay_env, outbox
         row = rows[str(event.event_id)]
         assert row["event_type"] == event.event_type
         assert row["event_context"].encode() == event.context.encode()
-        assert row["event_date_time"].replace(tzinfo=dt.timezone.utc) == event.event_date_time
+        assert row["event_date_time"].replace(tzinfo=dt.UTC) == event.event_date_time
         assert row["environment"] == event.environment
         assert row["metadata_version"] == event.metadata_version
     counts = outbox.counts()

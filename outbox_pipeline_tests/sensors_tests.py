@@ -1,8 +1,7 @@
 import dagster as dg
 
 from outbox_pipeline.definitions import build_resources
-from outbox_pipeline_tests.support.default_relay import RELAY_TAG, process_outbox_events
-from outbox_pipeline_tests.support.default_relay import outbox_pending_sensor, pending_sensor_from_env
+from outbox_pipeline_tests.support.default_relay import RELAY_TAG, outbox_pending_sensor, pending_sensor_from_env, process_outbox_events
 from outbox_pipeline_tests.support.relay_runs import publish_raw, run_relay
 
 

@@ -20,14 +20,13 @@ import pytest
 from outbox_pipeline.monitoring.run_monitor import TRACE_ID_TAG, TRANSACTION_STATUS_TAG
 from outbox_pipeline.resources import ClickHouseResource
 from outbox_pipeline_tests.conftest import event_log_store
-from outbox_pipeline_tests.monitoring.envelopes import (  # noqa: F401 - fixture
+from outbox_pipeline_tests.monitoring.envelopes import (
     ENVIRONMENT,
     PUBLIC_KEY,
     check_ins,
     errors,
     metrics,
     metrics_named,
-    recorder,
     trace,
     transactions,
 )

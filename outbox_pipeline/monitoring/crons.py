@@ -16,7 +16,7 @@ of ``SENTRY_CRON_INTERVAL_MINUTES``; see the README for the other settings.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import dagster as dg
 import sentry_sdk.crons
@@ -28,7 +28,7 @@ class CronMonitor(dg.Config):
     """One relay's Crons monitor (also the ``cron`` part of the run monitor's resource configuration)."""
 
     slug: str = "outbox-relay"
-    schedule: Optional[str] = None  # a crontab; None: an interval of interval_minutes
+    schedule: str | None = None  # a crontab; None: an interval of interval_minutes
     interval_minutes: int = 10
     checkin_margin_minutes: int = 5
     max_runtime_minutes: int = 30
@@ -36,7 +36,7 @@ class CronMonitor(dg.Config):
     recovery_threshold: int = 1
 
     @classmethod
-    def from_settings(cls, settings: RelaySettings, relay_name: str = "default") -> "CronMonitor":
+    def from_settings(cls, settings: RelaySettings, relay_name: str = "default") -> CronMonitor:
         slug = settings.cron_monitor_slug.strip() or "outbox-relay"
         return cls(
             slug=slug if relay_name == "default" else f"{slug}-{relay_name}",
@@ -49,7 +49,7 @@ class CronMonitor(dg.Config):
         )
 
     @property
-    def interval_seconds(self) -> Optional[int]:
+    def interval_seconds(self) -> int | None:
         """The check-in interval when the schedule is an interval, else None (crontab)."""
         return None if self.schedule else 60 * self.interval_minutes
 
@@ -68,17 +68,17 @@ class CronMonitor(dg.Config):
             "timezone": "UTC",
         }
 
-    def open_check_in(self) -> Optional[str]:
+    def open_check_in(self) -> str | None:
         """``in_progress`` for a starting run; returns the check-in id to close it with."""
         return sentry_sdk.crons.capture_checkin(
             monitor_slug=self.slug, status="in_progress", monitor_config=self.monitor_config()
         )
 
-    def close_check_in(self, check_in_id: Optional[str], ok: bool, duration: Optional[float] = None) -> None:
+    def close_check_in(self, check_in_id: str | None, ok: bool, duration: float | None = None) -> None:
         sentry_sdk.crons.capture_checkin(
             monitor_slug=self.slug, check_in_id=check_in_id, status="ok" if ok else "error", duration=duration
         )
 
-    def heartbeat(self) -> Optional[str]:
+    def heartbeat(self) -> str | None:
         """A single ``ok`` check-in: nothing is late (nothing is pending, or a following run keeps up)."""
         return sentry_sdk.crons.capture_checkin(monitor_slug=self.slug, status="ok", monitor_config=self.monitor_config())

@@ -11,8 +11,8 @@ keeps log lines as breadcrumbs only (see sentry_setup), so that line never
 becomes a second event.
 """
 
-import sentry_sdk
 import dagster as dg
+import sentry_sdk
 
 from outbox_pipeline.monitoring.relay_report import one_line
 from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor, dagster_tags

@@ -28,11 +28,11 @@ import psycopg
 import sentry_sdk
 import sentry_sdk.metrics
 
+from outbox_pipeline.assets import resource_keys
 from outbox_pipeline.errors import OutboxPipelineError
 from outbox_pipeline.monitoring.crons import CronMonitor
 from outbox_pipeline.monitoring.relay_report import RELAY_JOB, metric_attributes
 from outbox_pipeline.monitoring.sentry_setup import flush_sentry, fresh_scope, init_sentry
-from outbox_pipeline.assets import resource_keys
 from outbox_pipeline.relay_instance import RelayInstance
 from outbox_pipeline.settings import RelaySettings
 from outbox_pipeline.stores.outbox_store import OutboxCounts

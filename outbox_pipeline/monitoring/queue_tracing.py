@@ -68,7 +68,7 @@ def _send_process_transaction(
     with sentry_sdk.isolation_scope():
         transaction = sentry_sdk.continue_trace(headers, op=TASK_OP, name=f"deliver to {destination}", source="task")
         # The insert that delivered the event began before these are read: date both spans back to it.
-        transaction.start_timestamp = dt.datetime.fromtimestamp(started, dt.timezone.utc)
+        transaction.start_timestamp = dt.datetime.fromtimestamp(started, dt.UTC)
         transaction = sentry_sdk.start_transaction(transaction)
         if not getattr(transaction, "sampled", False):
             return  # the producer's trace was not sampled (it stored no headers then), or this process drops it

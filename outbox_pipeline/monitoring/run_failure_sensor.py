@@ -65,7 +65,7 @@ def run_failure_fingerprint(job_name: str, kind: str) -> list[str]:
 
 
 def _timestamp(value: float | None) -> dt.datetime:
-    return dt.datetime.fromtimestamp(value, dt.timezone.utc) if value else dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.fromtimestamp(value, dt.UTC) if value else dt.datetime.now(dt.UTC)
 
 
 def _complete_relay_report(

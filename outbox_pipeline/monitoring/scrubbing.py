@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 __all__ = [
@@ -94,7 +94,7 @@ def _filter_match(match: re.Match[str]) -> str:
     return match.group("prefix") + FILTERED
 
 
-def secret_parts(value: Optional[str]) -> list[str]:
+def secret_parts(value: str | None) -> list[str]:
     """The strings to redact for one configured secret value.
 
     The whole value plus, when it is a URL, its password (raw and
@@ -132,7 +132,7 @@ def secret_parts(value: Optional[str]) -> list[str]:
 
 
 def configured_secrets(
-    environ: Optional[Mapping[str, str]] = None, extra: Iterable[Optional[str]] = ()
+    environ: Mapping[str, str] | None = None, extra: Iterable[str | None] = ()
 ) -> tuple[str, ...]:
     """Secrets from the current values of ``SECRET_ENV_VARS`` plus ``extra``
     values (e.g. a DSN passed in code rather than through the environment)."""
@@ -197,7 +197,7 @@ class _Scrubber:
         return FILTERED
 
 
-def scrub_text(text: str, secrets: Optional[Iterable[str]] = None) -> str:
+def scrub_text(text: str, secrets: Iterable[str] | None = None) -> str:
     """Redact credentials in one string. ``secrets=None`` uses
     :func:`configured_secrets` (current environment)."""
     if secrets is None:
@@ -207,7 +207,7 @@ def scrub_text(text: str, secrets: Optional[Iterable[str]] = None) -> str:
 
 def scrub(
     value: Any,
-    secrets: Optional[Iterable[str]] = None,
+    secrets: Iterable[str] | None = None,
     *,
     drop_keys: Iterable[str] = (),
 ) -> Any:

@@ -26,10 +26,10 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable, Optional
+from typing import Any
 
 import sentry_sdk
 from sentry_sdk.integrations.atexit import AtexitIntegration
@@ -70,7 +70,7 @@ def default_release() -> str:
 @dataclass(frozen=True)
 class SentrySettings:
     # repr=False: the DSN carries the project key; settings get logged.
-    dsn: Optional[str] = field(default=None, repr=False)
+    dsn: str | None = field(default=None, repr=False)
     environment: str = "development"
     release: str = field(default_factory=default_release)
     debug: bool = False
@@ -94,7 +94,7 @@ class SentrySettings:
         return bool(self.dsn) and not self.debug
 
     @classmethod
-    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "SentrySettings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> SentrySettings:
         """The Sentry part of the project's settings (one parser for every variable)."""
         from outbox_pipeline.settings import load_settings
 
@@ -115,14 +115,14 @@ class BoundedHttpTransport(HttpTransport):
     TIMEOUT: float = 2.0
 
     @classmethod
-    def with_timeout(cls, seconds: float) -> type["BoundedHttpTransport"]:
+    def with_timeout(cls, seconds: float) -> type[BoundedHttpTransport]:
         # The SDK instantiates the transport class itself (with its options),
         # so the timeout travels as a class attribute of a subclass.
         return type(cls.__name__, (cls,), {"TIMEOUT": float(seconds)})
 
 
 @functools.lru_cache(maxsize=16)
-def _secrets_for(values: tuple[Optional[str], ...]) -> tuple[str, ...]:
+def _secrets_for(values: tuple[str | None, ...]) -> tuple[str, ...]:
     return configured_secrets({}, extra=values)
 
 
@@ -142,7 +142,7 @@ def _make_scrubber(settings: SentrySettings) -> Callable[[Any], Any]:
     return scrub_payload
 
 
-def _sampling_context(event: Any) -> Optional[dict[str, Any]]:
+def _sampling_context(event: Any) -> dict[str, Any] | None:
     """The dynamic sampling context of an event, which the SDK moves into the
     envelope header's ``trace`` when it sends the event."""
     contexts = event.get("contexts") if isinstance(event, Mapping) else None
@@ -245,10 +245,10 @@ def sentry_init_options(settings: SentrySettings) -> dict[str, Any]:
 
 _lock = threading.Lock()
 # (settings, client) of the last init_sentry() call that started Sentry.
-_started: Optional[tuple[SentrySettings, Any]] = None
+_started: tuple[SentrySettings, Any] | None = None
 
 
-def init_sentry(settings: Optional[SentrySettings] = None) -> bool:
+def init_sentry(settings: SentrySettings | None = None) -> bool:
     """Start Sentry if enabled; return whether it is running.
 
     Idempotent: with the same settings and our client still installed it
@@ -272,7 +272,7 @@ def init_sentry(settings: Optional[SentrySettings] = None) -> bool:
     return True
 
 
-def flush_sentry(timeout: Optional[float] = None) -> None:
+def flush_sentry(timeout: float | None = None) -> None:
     """Send queued Sentry data, waiting at most ``timeout`` seconds (default:
     the configured flush timeout). A no-op when Sentry is not running."""
     client = sentry_sdk.get_client()

@@ -61,7 +61,7 @@ def relay_asset_events(
     loaded_since: float,
 ) -> list:
     """The materialization, then the evaluations of the asset's checks that go with it."""
-    since = dt.datetime.fromtimestamp(loaded_since, dt.timezone.utc) - CLOCK_MARGIN
+    since = dt.datetime.fromtimestamp(loaded_since, dt.UTC) - CLOCK_MARGIN
     rows, distinct = event_log.counts_loaded_since(since)
     scope = f"the events loaded since {since:%Y-%m-%d %H:%M:%S} UTC"
     return [

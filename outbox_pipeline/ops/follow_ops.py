@@ -68,7 +68,7 @@ def runs_waiting_for_embedded_clickhouse(instance: dg.DagsterInstance) -> bool:
 
 
 def _utc(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp, dt.timezone.utc).strftime("%H:%M:%S")
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%H:%M:%S")
 
 
 def _why_ended(ended: str | None, limits: FollowLimits) -> str:
@@ -140,7 +140,7 @@ def follow_outbox(
             relay.event_log = None
 
     follower = Follower(relay, limits, should_stop=should_stop, ready=ready, on_pause=on_pause, on_batch=monitor.record_batch)
-    started_at = dt.datetime.now(dt.timezone.utc)
+    started_at = dt.datetime.now(dt.UTC)
     context.log.info(
         f"following new events: a look every {limits.interval_seconds:g} s, for up to {limits.follow_seconds:g} s, "
         f"until none arrives for {limits.quiet_seconds:g} s; one materialization per {limits.window_seconds:g} s"

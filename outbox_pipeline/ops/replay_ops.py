@@ -75,7 +75,7 @@ def retention_cutoff(retention_days: int, now: dt.datetime) -> dt.datetime:
 def check_within_retention(day: dt.date, retention_days: int, now: dt.datetime) -> None:
     """A day reaching back before the retention cutoff may have lost events to cleanup_outbox."""
     cutoff = retention_cutoff(retention_days, now)
-    day_start = dt.datetime.combine(day, dt.time(), tzinfo=dt.timezone.utc)
+    day_start = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
     if day_start < cutoff:
         oldest = (cutoff + dt.timedelta(days=1)).date() if cutoff.time() != dt.time() else cutoff.date()
         raise ReplayOutsideRetentionError(
@@ -172,7 +172,7 @@ def replay_outbox_day(
 ) -> dg.Output[dict]:
     day = partition_day(context)
     try:
-        check_within_retention(day, outbox.retention_days, dt.datetime.now(dt.timezone.utc))
+        check_within_retention(day, outbox.retention_days, dt.datetime.now(dt.UTC))
     except ReplayOutsideRetentionError as exc:
         raise dg.Failure(str(exc), metadata={"day": day.isoformat(), "retention_days": outbox.retention_days}) from None
     try:

@@ -82,7 +82,7 @@ def delete_old_outbox_events(
         outbox.store(),
         retention_days=retention_days,
         chunk_size=config.chunk_size,
-        now=dt.datetime.now(dt.timezone.utc),
+        now=dt.datetime.now(dt.UTC),
         retry=outbox.retry,
         log=context.log.debug,
     )

@@ -46,7 +46,7 @@ def chdb_path(url: str) -> Path | None:
 def validate_clickhouse_url(url: str) -> None:
     try:
         parsed = urllib.parse.urlsplit(url)
-        parsed.port
+        _ = parsed.port  # raises on a malformed port
     except ValueError as exc:
         raise ConfigurationError(f"CLICKHOUSE_URL is not a valid URL ({exc}); {_URL_HELP}") from None
     if parsed.scheme == "chdb":

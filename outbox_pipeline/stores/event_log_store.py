@@ -86,7 +86,7 @@ class EventLogStore:
         self._table_sql = quoted_table_name(table)
 
     @classmethod
-    def connect(cls, url: str, *, table: str = DEFAULT_TABLE, busy_wait_seconds: float = 0.0) -> "EventLogStore":
+    def connect(cls, url: str, *, table: str = DEFAULT_TABLE, busy_wait_seconds: float = 0.0) -> EventLogStore:
         quoted_table_name(table)  # a bad name fails before anything is opened
         return cls(open_clickhouse_client(url, busy_wait_seconds=busy_wait_seconds), url, table=table)
 
@@ -135,7 +135,7 @@ class EventLogStore:
             "WHERE event_date_time >= (SELECT min(event_date_time) FROM recent) "
             "AND event_date_time <= (SELECT max(event_date_time) FROM recent) "
             "AND event_id IN (SELECT event_id FROM recent)",
-            parameters={"since": since.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")},
+            parameters={"since": since.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")},
         ).result_rows[0]
         return int(rows), int(distinct)
 

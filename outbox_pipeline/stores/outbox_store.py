@@ -45,7 +45,7 @@ class OutboxStore:
         self._ready = False
 
     @classmethod
-    def connect(cls, url: str, *, relay: RelayIdentity = DEFAULT_RELAY) -> "OutboxStore":
+    def connect(cls, url: str, *, relay: RelayIdentity = DEFAULT_RELAY) -> OutboxStore:
         return cls(connect_postgres(url), url, relay=relay)
 
     def reconnect(self) -> None:

@@ -10,6 +10,7 @@ import psycopg
 
 from outbox_pipeline.errors import ConfigurationError, SchemaMissingError, StoreUnavailableError, one_line
 from outbox_pipeline.settings import RelaySettings
+
 # Re-exported: the embedded server's URL is one of the ways to the outbox database.
 from outbox_pipeline.stores.embedded_postgres import embedded_postgres_url, running_embedded_postgres_url
 
@@ -33,7 +34,7 @@ def describe_postgres_url(url: str) -> str:
 
 def _safe_port(parsed: urllib.parse.SplitResult) -> bool:
     try:
-        parsed.port
+        _ = parsed.port  # raises on a malformed port
     except ValueError:
         return False
     return True

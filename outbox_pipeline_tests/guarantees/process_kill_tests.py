@@ -80,7 +80,7 @@ def test_sigkill_after_each_step_then_a_new_run_delivers_every_event_exactly_onc
     assert any(state == "claimed" for state, _ in left.values())
 
     wait_for_expired_leases(outbox)
-    restarted_at = dt.datetime.now(dt.timezone.utc)
+    restarted_at = dt.datetime.now(dt.UTC)
     result = run_relay(run_config={"batch_size": BATCH})
     assert result.success
 

@@ -14,7 +14,6 @@ import dagster as dg
 import psycopg
 import pytest
 
-from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import OutboxStore
 from outbox_pipeline_tests.conftest import event_log_store, prepare_relay
 from outbox_pipeline_tests.support.clickhouse_http_server import (

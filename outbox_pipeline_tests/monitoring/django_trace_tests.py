@@ -18,7 +18,7 @@ import dagster as dg
 import sentry_sdk
 
 from outbox_pipeline_tests.conftest import prepare_relay
-from outbox_pipeline_tests.monitoring.envelopes import PUBLIC_KEY, recorder, trace, transactions  # noqa: F401 - fixture
+from outbox_pipeline_tests.monitoring.envelopes import PUBLIC_KEY, trace, transactions
 from outbox_pipeline_tests.monitoring.queue_tracing_tests import by_message_id, ours, process_span
 from outbox_pipeline_tests.support.relay_runs import run_relay
 

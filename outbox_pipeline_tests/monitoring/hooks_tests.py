@@ -5,7 +5,7 @@ import dagster as dg
 from outbox_pipeline.monitoring.hooks import sentry_on_failure
 from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor
 from outbox_pipeline.settings import load_settings
-from outbox_pipeline_tests.monitoring.envelopes import errors, recorder, transactions  # noqa: F401 - fixture
+from outbox_pipeline_tests.monitoring.envelopes import errors, transactions
 
 
 class LedgerClosed(Exception):

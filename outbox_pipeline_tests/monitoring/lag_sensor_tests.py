@@ -11,17 +11,11 @@ import pytest
 
 from outbox_pipeline.errors import ConfigurationError
 from outbox_pipeline.monitoring.lag_sensor import LagState, LagThresholds, evaluate_lag
-from outbox_pipeline.settings import load_settings
-from outbox_pipeline_tests.support.default_relay import lag_sensor_from_env
 from outbox_pipeline.resources import OutboxDatabaseResource
+from outbox_pipeline.settings import load_settings
 from outbox_pipeline.stores.outbox_store import OutboxCounts
-from outbox_pipeline_tests.monitoring.envelopes import (  # noqa: F401 - fixture
-    ENVIRONMENT,
-    check_ins,
-    errors,
-    metrics_named,
-    recorder,
-)
+from outbox_pipeline_tests.monitoring.envelopes import ENVIRONMENT, check_ins, errors, metrics_named
+from outbox_pipeline_tests.support.default_relay import lag_sensor_from_env
 from outbox_pipeline_tests.support.relay_runs import publish_raw, run_relay
 
 

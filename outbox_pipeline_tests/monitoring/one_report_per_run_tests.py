@@ -18,14 +18,7 @@ import dagster as dg
 import pytest
 
 from outbox_pipeline.monitoring.run_monitor import TRACE_ID_TAG, TRANSACTION_STATUS_TAG
-from outbox_pipeline_tests.monitoring.envelopes import (  # noqa: F401 - fixture
-    check_ins,
-    errors,
-    metrics_named,
-    recorder,
-    trace,
-    transactions,
-)
+from outbox_pipeline_tests.monitoring.envelopes import check_ins, errors, metrics_named, trace, transactions
 from outbox_pipeline_tests.support.clickhouse_http_server import closed_port_url
 from outbox_pipeline_tests.support.relay_runs import publish_raw, run_relay
 

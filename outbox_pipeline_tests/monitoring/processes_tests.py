@@ -5,13 +5,7 @@ import subprocess
 import sys
 import textwrap
 
-from outbox_pipeline_tests.monitoring.envelopes import (  # noqa: F401 - fixture
-    check_ins,
-    errors,
-    recorder,
-    trace,
-    transactions,
-)
+from outbox_pipeline_tests.monitoring.envelopes import check_ins, errors, trace, transactions
 from outbox_pipeline_tests.support.relay_runs import publish_raw
 
 RUN_WORKER = textwrap.dedent(

@@ -31,13 +31,7 @@ from outbox_pipeline.retrying import BackoffPolicy
 from outbox_pipeline.stores.embedded_postgres import embedded_postgres_url, stop_embedded_postgres
 from outbox_pipeline.stores.outbox_store import OutboxStore
 from outbox_pipeline_tests.conftest import event_log_store, prepare_relay
-from outbox_pipeline_tests.monitoring.envelopes import (  # noqa: F401 - fixture
-    ENVIRONMENT,
-    PUBLIC_KEY,
-    recorder,
-    trace,
-    transactions,
-)
+from outbox_pipeline_tests.monitoring.envelopes import ENVIRONMENT, PUBLIC_KEY, trace, transactions
 from outbox_pipeline_tests.support.relay_runs import run_relay
 from outbox_pipeline_tests.support.sentry_fixtures import reset_sentry_sdk
 

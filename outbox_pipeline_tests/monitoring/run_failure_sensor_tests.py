@@ -16,18 +16,11 @@ import time
 import dagster as dg
 import pytest
 
-from outbox_pipeline_tests.support.default_relay import process_outbox_events, requeue_failed_events
 from outbox_pipeline.monitoring.run_failure_sensor import SENSOR_NAME, failure_kind
-from outbox_pipeline_tests.support.default_relay import run_failure_sensor_from_env
 from outbox_pipeline.monitoring.run_monitor import CHECK_IN_TAG, TRACE_ID_TAG, TRANSACTION_STATUS_TAG
 from outbox_pipeline_tests.conftest import event_log_store
-from outbox_pipeline_tests.monitoring.envelopes import (  # noqa: F401 - fixture
-    check_ins,
-    errors,
-    recorder,
-    trace,
-    transactions,
-)
+from outbox_pipeline_tests.monitoring.envelopes import check_ins, errors, trace, transactions
+from outbox_pipeline_tests.support.default_relay import process_outbox_events, requeue_failed_events, run_failure_sensor_from_env
 from outbox_pipeline_tests.support.relay_runs import publish_raw, run_relay
 
 WORKER_DIED = (

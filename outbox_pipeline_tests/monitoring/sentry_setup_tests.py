@@ -30,11 +30,7 @@ from outbox_pipeline.monitoring.sentry_setup import (
     flush_sentry,
     init_sentry,
 )
-from outbox_pipeline_tests.support.sentry_fixtures import (  # noqa: F401 - fixtures
-    reset_sentry,
-    reset_sentry_sdk,
-    sentry_recorder,
-)
+from outbox_pipeline_tests.support.sentry_fixtures import reset_sentry_sdk
 from outbox_pipeline_tests.support.sentry_recorder import (
     SentryRecorder,
     parse_envelope,

@@ -2,9 +2,8 @@
 
 from pathlib import Path
 
-import psycopg
-
 import dagster as dg
+import psycopg
 
 from outbox_pipeline.definitions import build_resources, defs
 from outbox_pipeline_tests.conftest import event_log_store

@@ -20,11 +20,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import dagster as dg
 import pytest
 import requests
 from dagster_graphql import DagsterGraphQLClient
-
-import dagster as dg
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOCATION = "outbox_pipeline"
@@ -346,7 +345,7 @@ def metadata_values(entries: list[dict]) -> dict:
 def test_dagster_dev_sensor_relays_events_and_a_backfill_replays_two_days(dagster_dev: Stack):
     stack = dagster_dev
     started = time.monotonic()
-    today = dt.datetime.now(dt.timezone.utc).date()
+    today = dt.datetime.now(dt.UTC).date()
     yesterday = today - dt.timedelta(days=1)
 
     stack.wait_for("the code location to load", lambda: location_loaded(stack), timeout=120)

@@ -58,7 +58,7 @@ def test_replay_restores_lost_events_of_its_day_only_and_twice_leaves_no_duplica
     by_id = {str(e.event_id): e for e in events}
     for event_id in lost:
         assert rows[event_id]["event_context"].encode() == by_id[event_id].context.encode()
-        assert rows[event_id]["event_date_time"].replace(tzinfo=dt.timezone.utc) == by_id[event_id].event_date_time
+        assert rows[event_id]["event_date_time"].replace(tzinfo=dt.UTC) == by_id[event_id].event_date_time
 
     second = run_replay(day, chunk_size=64)
 
@@ -166,11 +166,11 @@ def test_a_day_older_than_the_retention_fails_with_a_clear_message(relay_env, mo
 
 
 def test_retention_boundary():
-    now = dt.datetime(2026, 11, 29, 11, 3, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2026, 11, 29, 11, 3, tzinfo=dt.UTC)
     check_within_retention(dt.date(2026, 10, 31), 30, now)  # starts after the cutoff (2026-10-30 11:03)
     with pytest.raises(ReplayOutsideRetentionError, match="oldest day that can be replayed is 2026-10-31"):
         check_within_retention(dt.date(2026, 10, 30), 30, now)  # partly before the cutoff
-    midnight = dt.datetime(2026, 11, 29, tzinfo=dt.timezone.utc)
+    midnight = dt.datetime(2026, 11, 29, tzinfo=dt.UTC)
     check_within_retention(dt.date(2026, 10, 30), 30, midnight)
     with pytest.raises(ReplayOutsideRetentionError, match="is 2026-10-30"):
         check_within_retention(dt.date(2026, 10, 29), 30, midnight)

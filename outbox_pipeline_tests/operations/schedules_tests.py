@@ -8,8 +8,7 @@ import sys
 import dagster as dg
 
 from outbox_pipeline.definitions import defs
-from outbox_pipeline_tests.support.default_relay import RELAY_TAG, process_outbox_events
-from outbox_pipeline_tests.support.default_relay import process_outbox_events_schedule
+from outbox_pipeline_tests.support.default_relay import RELAY_TAG, process_outbox_events, process_outbox_events_schedule
 
 _PRINT_STATUSES = """
 import json

@@ -9,18 +9,18 @@ import psycopg
 
 from outbox_pipeline.definitions import build_resources
 from outbox_pipeline.events import RawEvent
-from outbox_pipeline_tests.support.default_relay import cleanup_outbox, replay_outbox_events
 from outbox_pipeline.producer import publish_many
 from outbox_pipeline.stores.event_log_store import EventLogStore
+from outbox_pipeline_tests.support.default_relay import cleanup_outbox, replay_outbox_events
 
 
 def utc_today() -> dt.date:
-    return dt.datetime.now(dt.timezone.utc).date()
+    return dt.datetime.now(dt.UTC).date()
 
 
 def publish_on(url: str, day: dt.date, count: int, *, event_type: str = "replayed_event") -> list[RawEvent]:
     """Events whose event_date_time falls on ``day`` (UTC), each with its own payload."""
-    start = dt.datetime.combine(day, dt.time(0, 0, 1), tzinfo=dt.timezone.utc)
+    start = dt.datetime.combine(day, dt.time(0, 0, 1), tzinfo=dt.UTC)
     events = [
         RawEvent(
             event_type=event_type,
@@ -40,7 +40,7 @@ def publish_poison(url: str, day: dt.date) -> None:
         conn.execute(
             "INSERT INTO outbox (event_id, event_type, event_date_time, environment, event_context, metadata_version) "
             "VALUES (gen_random_uuid(), 'poison', %s, 'test', '{}', -1)",
-            (dt.datetime.combine(day, dt.time(12), tzinfo=dt.timezone.utc),),
+            (dt.datetime.combine(day, dt.time(12), tzinfo=dt.UTC),),
         )
 
 

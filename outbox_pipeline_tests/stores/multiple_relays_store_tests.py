@@ -116,7 +116,7 @@ def remaining_types(url: str) -> list[str]:
 
 def test_retention_deletes_an_event_only_once_every_relay_it_matches_has_delivered_it(relay_env, outbox, orders):
     url = relay_env["OUTBOX_DATABASE_URL"]
-    cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30)
+    cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
     orders.check_schema()  # registers the relay, as its first sensor tick or run does
     publish(url, "order_paid", "user_created", "order_shipped", "user_deleted")
     deliver(outbox)
@@ -149,7 +149,7 @@ def test_a_new_relay_starts_from_the_oldest_event_the_outbox_still_holds_and_hol
     late = OutboxStore.connect(url, relay=RelayIdentity("late_orders", ("order_*",)))
     assert late.counts().pending == 1  # registered on first use, with its cursor at the start
     backdate_everything(url)
-    cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30)
+    cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
     assert outbox.delete_processed_before(cutoff, chunk_size=100) == 1
     assert remaining_types(url) == ["order_paid"]
     # Retiring it lets retention go on.

@@ -218,7 +218,7 @@ class OutboxStore:
         self._installation_id: str | None = None
 
     @classmethod
-    def connect(cls, url: str) -> "OutboxStore":
+    def connect(cls, url: str) -> OutboxStore:
         return cls(connect_postgres(url), url)
 
     def reconnect(self) -> None:

@@ -103,7 +103,7 @@ def test_a_release_v1_database_is_upgraded_in_place_and_every_event_is_delivered
     assert rows_before_upgrade == (30, 30)
     assert (before.pending, before.in_flight, before.retrying, before.failed, before.processed) == (21, 10, 1, 1, 20)
 
-    upgraded_at = dt.datetime.now(dt.timezone.utc)
+    upgraded_at = dt.datetime.now(dt.UTC)
     store = OutboxStore.connect(url)
     assert store.migrate() == [2, 3]
     assert [version for version, _ in versions(url)] == [1, 2, 3] == list(range(1, migrations.LATEST_VERSION + 1))

@@ -523,7 +523,7 @@ class ChdbEngine:
     def _snapshot_settings(self, conn: Any, settings: Mapping[str, str]) -> dict[str, tuple[str, bool]]:
         names = ", ".join(_quote(name) for name in settings)
         raw = self._query(conn, f"SELECT name, value, changed FROM system.settings WHERE name IN ({names})", "JSONEachRow").bytes()
-        snapshot = {name: ("", False) for name in settings}
+        snapshot = dict.fromkeys(settings, ("", False))
         for line in raw.splitlines():
             row = json.loads(line)
             snapshot[row["name"]] = (row["value"], bool(row["changed"]))

@@ -3,7 +3,6 @@
 from outbox_pipeline.definitions import defs
 from outbox_pipeline.jobs import RELAY_TAG
 
-
 process_outbox_events = defs.resolve_job_def("process_outbox_events")
 relay_low_latency = defs.resolve_job_def("relay_low_latency")
 requeue_failed_events = defs.resolve_job_def("requeue_failed_events")

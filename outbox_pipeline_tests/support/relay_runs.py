@@ -7,8 +7,8 @@ import psycopg
 
 from outbox_pipeline.definitions import build_resources
 from outbox_pipeline.events import RawEvent
-from outbox_pipeline_tests.support.default_relay import process_outbox_events
 from outbox_pipeline.producer import publish_many
+from outbox_pipeline_tests.support.default_relay import process_outbox_events
 
 
 def publish_raw(url: str, count: int, *, event_type: str = "test_event", start: int = 0) -> list[RawEvent]:

@@ -1,16 +1,11 @@
 """pytest fixtures for tests that talk to Sentry through the real transport.
 
-Import the fixtures into a test module (or a conftest)::
-
-    from outbox_pipeline_tests.support.sentry_fixtures import (  # noqa: F401
-        reset_sentry,
-        sentry_recorder,
-    )
+The test suite's conftest registers this module as a plugin, so every test can ask for the fixtures.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import sentry_sdk

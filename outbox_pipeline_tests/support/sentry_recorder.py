@@ -17,9 +17,10 @@ import socket
 import threading
 import time
 import zlib
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar
+from typing import Any, TypeVar
 
 try:  # brotli is optional for sentry-sdk; decode it when the client used it
     import brotli  # type: ignore[import-not-found]
@@ -55,7 +56,7 @@ class RecordedItem:
     payload: Any = None
 
     @property
-    def type(self) -> Optional[str]:
+    def type(self) -> str | None:
         return self.headers.get("type")
 
 
@@ -66,16 +67,16 @@ class RecordedEnvelope:
     project_id: str
     path: str
     request_headers: Mapping[str, str]
-    content_encoding: Optional[str]
+    content_encoding: str | None
     headers: Mapping[str, Any]
     items: tuple[RecordedItem, ...]
     raw: bytes  # decoded body, exactly as serialized by the SDK
 
-    def items_of(self, item_type: Optional[str] = None) -> list[RecordedItem]:
+    def items_of(self, item_type: str | None = None) -> list[RecordedItem]:
         return [i for i in self.items if item_type is None or i.type == item_type]
 
 
-def decode_body(body: bytes, content_encoding: Optional[str]) -> bytes:
+def decode_body(body: bytes, content_encoding: str | None) -> bytes:
     """Undo the HTTP Content-Encoding the SDK applied (gzip, br, deflate)."""
     encodings = [
         e.strip().lower() for e in (content_encoding or "").split(",") if e.strip()
@@ -174,7 +175,7 @@ def unreachable_dsn(public_key: str = "publickey", project_id: int | str = 1) ->
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "_RecorderHTTPServer"
+    server: _RecorderHTTPServer
     protocol_version = "HTTP/1.1"  # keep-alive, like real Relay
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
@@ -235,7 +236,7 @@ class _RecorderHTTPServer(ThreadingHTTPServer):
     block_on_close = False
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], recorder: "SentryRecorder") -> None:
+    def __init__(self, address: tuple[str, int], recorder: SentryRecorder) -> None:
         self.recorder = recorder
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
@@ -298,12 +299,12 @@ class SentryRecorder:
         self._unexpected: list[tuple[str, str]] = []
         self._cond = threading.Condition()
         self._stopping = threading.Event()
-        self._server: Optional[_RecorderHTTPServer] = None
-        self._thread: Optional[threading.Thread] = None
+        self._server: _RecorderHTTPServer | None = None
+        self._thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
-    def start(self) -> "SentryRecorder":
+    def start(self) -> SentryRecorder:
         if self._server is not None:
             return self
         self._stopping.clear()
@@ -329,7 +330,7 @@ class SentryRecorder:
             thread.join(timeout=5)
         self._server = self._thread = None
 
-    def __enter__(self) -> "SentryRecorder":
+    def __enter__(self) -> SentryRecorder:
         return self.start()
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -355,7 +356,7 @@ class SentryRecorder:
 
     def _record(
         self, project_id: str, path: str, request_headers: dict[str, str], body: bytes
-    ) -> Optional[str]:
+    ) -> str | None:
         encoding = request_headers.get("Content-Encoding") or request_headers.get(
             "content-encoding"
         )
@@ -427,16 +428,16 @@ class SentryRecorder:
             bodies.append(json.dumps(headers) + "\n" + items.decode("utf-8", "backslashreplace"))
         return "\n".join(bodies)
 
-    def items(self, item_type: Optional[str] = None) -> list[RecordedItem]:
+    def items(self, item_type: str | None = None) -> list[RecordedItem]:
         """Items of one type ('event', 'transaction', 'check_in', 'trace_metric',
         'log', 'client_report', ...) across all envelopes, in arrival order."""
         return [i for e in self.envelopes for i in e.items_of(item_type)]
 
-    def payloads(self, item_type: Optional[str] = None) -> list[Any]:
+    def payloads(self, item_type: str | None = None) -> list[Any]:
         """Parsed JSON payloads of the items of one type."""
         return [i.payload for i in self.items(item_type)]
 
-    def item_types(self) -> list[Optional[str]]:
+    def item_types(self) -> list[str | None]:
         return [i.type for i in self.items()]
 
     def __iter__(self) -> Iterator[RecordedEnvelope]:
@@ -453,7 +454,7 @@ class SentryRecorder:
             self._unexpected.clear()
 
     def wait_for(
-        self, predicate: Callable[["SentryRecorder"], T], timeout: float = 5.0
+        self, predicate: Callable[[SentryRecorder], T], timeout: float = 5.0
     ) -> T:
         """Wait until ``predicate(self)`` is truthy and return its value.
 
