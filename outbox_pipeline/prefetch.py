@@ -11,14 +11,15 @@ would sit idle. So two worker threads work ahead, in batch order:
   rows have all been queued, and waits while its queue is full;
 * the **inserter** (when the run gives it ClickHouse) inserts each batch from that
   queue under the batch's deduplication token, exactly the insert the step would
-  make, while Dagster records the previous steps. It inserts batch k only once
-  the step of batch k-1 is done with ClickHouse, so one insert at a time goes to
-  the connection, and never past the run's time limit. It never waits for a busy
-  embedded ClickHouse directory (the step does, where an interrupt reaches it).
+  make, while the claims and Dagster's bookkeeping of earlier steps go on: at most
+  ``INSERT_AHEAD`` batches beyond the last step that asked for its batch, never past
+  the run's time limit, and never while a step retries a failed insert itself (so
+  one insert at a time goes to the connection). It never waits for a busy embedded
+  ClickHouse directory (the step does, where an interrupt reaches it).
 
 The ``load_batch`` step of batch k then finds its insert done (or failed: the
 step takes that as its first attempt and goes on as usual: retries, bisection of
-rejected events) and marks the batch. Inserting a claimed batch early is the same
+rejected events), and the next step marks the batch. Inserting a claimed batch early is the same
 as inserting it late: the token names the batch's fixed rows, so a run that dies
 meanwhile leaves batches that the next run inserts again under the same tokens,
 and ClickHouse keeps one copy. Memory stays at a few pieces per batch in flight,
@@ -39,6 +40,9 @@ from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import BatchHandle, OutboxStore
 
 MAX_BUFFERED_PIECES = 8
+# How many batches the inserter may be ahead of the step that asked last: enough to keep
+# ClickHouse busy while the claims and Dagster's bookkeeping of several steps go on.
+INSERT_AHEAD = 3
 _END = object()
 
 
@@ -131,23 +135,29 @@ class _Inserter:
         self._event_log = event_log
         self._deadline = deadline
         self._condition = threading.Condition()
-        self._allowed = 0  # positions up to this one may be inserted: the steps before it are done with ClickHouse
+        self._taken = -1  # the last position whose step asked for its outcome
+        self._failed: int | None = None  # a failed insert whose step may still use ClickHouse for it
         self._outcomes: dict[int, InsertedAhead | None] = {}  # position -> outcome (None: not inserted ahead)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="outbox-insert-ahead", daemon=True)
         self._thread.start()
 
-    def allow(self, position: int) -> None:
-        with self._condition:
-            self._allowed = max(self._allowed, position)
-            self._condition.notify_all()
-
     def outcome(self, position: int) -> InsertedAhead | None:
         """Wait until the batch at ``position`` was inserted ahead, or will not be (None)."""
-        self.allow(position)
         with self._condition:
+            self._taken = max(self._taken, position)
+            if self._failed is not None and self._failed < position:
+                self._failed = None  # that step is over
+            self._condition.notify_all()
             self._condition.wait_for(lambda: position in self._outcomes or self._closed)
             return self._outcomes.get(position)
+
+    def done(self, position: int) -> None:
+        """The step of ``position`` no longer uses ClickHouse."""
+        with self._condition:
+            if self._failed == position:
+                self._failed = None
+            self._condition.notify_all()
 
     def wake(self) -> None:
         with self._condition:
@@ -159,13 +169,16 @@ class _Inserter:
             self._condition.notify_all()
         self._thread.join()
 
+    def _may_insert(self, position: int) -> bool:
+        # At most INSERT_AHEAD batches beyond the last one asked for, and never while a step retries
+        # a failed insert itself: the connection serves one insert at a time.
+        return position <= self._taken + INSERT_AHEAD and self._failed is None and self._prefetcher.planned(position)
+
     def _run(self) -> None:
         position = 0
         while True:
             with self._condition:
-                self._condition.wait_for(
-                    lambda: self._closed or (self._allowed >= position and self._prefetcher.planned(position))
-                )
+                self._condition.wait_for(lambda: self._closed or self._may_insert(position))
                 if self._closed:
                     return
             handle, read = self._prefetcher.work_at(position)
@@ -177,6 +190,8 @@ class _Inserter:
                     read.cancel()  # past the run's time limit: its step releases the batch
             with self._condition:
                 self._outcomes[position] = outcome
+                if outcome is not None and outcome.error is not None:
+                    self._failed = position
                 self._condition.notify_all()
             position += 1
 
@@ -236,10 +251,7 @@ class BatchPrefetcher:
         if position < 0:
             return None
         if self._inserter is not None:
-            outcome = self._inserter.outcome(position)
-            if outcome is not None and outcome.error is None:
-                self._inserter.allow(position + 1)  # the next insert overlaps this batch's mark
-            return outcome
+            return self._inserter.outcome(position)
         with self._lock:
             # Earlier batches nobody took (released at the run's time limit) free the reads behind them.
             for earlier in self._order[:position]:
@@ -252,7 +264,7 @@ class BatchPrefetcher:
         """The step of this batch no longer uses ClickHouse: the next batch may be inserted."""
         position = self._position(handle)
         if self._inserter is not None and position >= 0:
-            self._inserter.allow(position + 1)
+            self._inserter.done(position)
 
     def _position(self, handle: BatchHandle) -> int:
         with self._lock:

@@ -298,14 +298,17 @@ def stream_csv(conn: psycopg.Connection, query: str, params, chunk_bytes: int | 
     """
     chunk_bytes = chunk_bytes or STREAM_CHUNK_BYTES
     with conn.cursor() as cur, cur.copy(f"COPY ({query}) {COPY_CSV}", params) as copy:
-        piece = bytearray()
+        # Joined once per piece: a buffer grown chunk by chunk would leave the heap fragmented.
+        chunks: list = []
+        size = 0
         for chunk in copy:
-            piece += chunk
-            if len(piece) >= chunk_bytes:
-                yield bytes(piece)
-                piece.clear()
-        if piece:
-            yield bytes(piece)
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= chunk_bytes:
+                yield b"".join(chunks)
+                chunks, size = [], 0
+        if chunks:
+            yield b"".join(chunks)
 
 
 def read_block_csv(conn: psycopg.Connection, handle: BatchHandle, start: int, stop: int) -> bytearray:
