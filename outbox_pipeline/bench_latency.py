@@ -39,7 +39,7 @@ def produce(
         while not stop.is_set():
             rows = []
             for _ in range(EVENTS_PER_TRANSACTION):
-                rows.append((uuid.uuid4(), "latency_probe", dt.datetime.now(dt.timezone.utc), environment, "{}"))
+                rows.append((uuid.uuid4(), "latency_probe", dt.datetime.now(dt.UTC), environment, "{}"))
             with conn.cursor() as cur:
                 cur.executemany(
                     "INSERT INTO outbox (event_id, event_type, event_date_time, environment, event_context) VALUES (%s, %s, %s, %s, %s)",

@@ -104,7 +104,7 @@ class EnvelopeSink:
     def dsn(self) -> str:
         return f"http://benchkey@127.0.0.1:{self._server.server_address[1]}/1"
 
-    def __enter__(self) -> "EnvelopeSink":
+    def __enter__(self) -> EnvelopeSink:
         self._thread.start()
         return self
 

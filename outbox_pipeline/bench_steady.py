@@ -265,7 +265,7 @@ def measure_steady(mode: str, rate: float, *, warmup: float, measure: float, idl
         producer.start()
         time.sleep(warmup)
         backend = producer_info.get("backend_pid")
-        window_start = dt.datetime.now(dt.timezone.utc)
+        window_start = dt.datetime.now(dt.UTC)
         cpu_before, backend_before, started = stack.cpu.seconds(exclude=backend), StackCpu.of(backend), time.monotonic()
         storage_before = _directory_bytes(stack.home)
         time.sleep(measure)
@@ -273,7 +273,7 @@ def measure_steady(mode: str, rate: float, *, warmup: float, measure: float, idl
         result.stream_cores = (stack.cpu.seconds(exclude=backend) - cpu_before) / elapsed
         result.producer_backend_cores = (StackCpu.of(backend) - backend_before) / elapsed
         result.storage_mb_per_hour = (_directory_bytes(stack.home) - storage_before) / 2**20 * 3600 / elapsed
-        window_end = dt.datetime.now(dt.timezone.utc)
+        window_end = dt.datetime.now(dt.UTC)
         instance = stack.instance()
         try:
             runs = instance.get_run_records(dg.RunsFilter(created_after=window_start, created_before=window_end))

@@ -130,7 +130,7 @@ class InsertedAhead:
 class _Inserter:
     """The thread that inserts batches ahead, in order, one at a time (see the module's docstring)."""
 
-    def __init__(self, prefetcher: "BatchPrefetcher", event_log: Callable[[], EventLogStore], deadline: float):
+    def __init__(self, prefetcher: BatchPrefetcher, event_log: Callable[[], EventLogStore], deadline: float):
         self._prefetcher = prefetcher
         self._event_log = event_log
         self._deadline = deadline

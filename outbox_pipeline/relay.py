@@ -52,14 +52,14 @@ class RelayPolicy:
     retry: BackoffPolicy = BackoffPolicy()
 
     @classmethod
-    def from_settings(cls, settings: RelaySettings, **overrides) -> "RelayPolicy":
-        values = dict(
-            batch_size=settings.batch_size,
-            lease_seconds=settings.lease_seconds,
-            max_event_attempts=settings.max_event_attempts,
-            event_retry_base_seconds=settings.event_retry_base_seconds,
-            retry=BackoffPolicy(settings.transient_retry_attempts, settings.transient_retry_base_seconds),
-        )
+    def from_settings(cls, settings: RelaySettings, **overrides) -> RelayPolicy:
+        values = {
+            "batch_size": settings.batch_size,
+            "lease_seconds": settings.lease_seconds,
+            "max_event_attempts": settings.max_event_attempts,
+            "event_retry_base_seconds": settings.event_retry_base_seconds,
+            "retry": BackoffPolicy(settings.transient_retry_attempts, settings.transient_retry_base_seconds),
+        }
         values.update(overrides)
         return cls(**values)
 
