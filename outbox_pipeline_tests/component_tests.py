@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import psycopg
 import pytest
 import yaml
 
@@ -24,8 +23,7 @@ from outbox_pipeline.component import OutboxRelay
 from outbox_pipeline.definitions import build_defs
 from outbox_pipeline.errors import ConfigurationError
 from outbox_pipeline.settings import code_location_settings, load_settings
-from outbox_pipeline.stores.outbox_store import OutboxStore
-from outbox_pipeline_tests.conftest import event_log_store, with_database
+from outbox_pipeline_tests.conftest import event_log_store, new_database
 from outbox_pipeline_tests.support.relay_runs import publish_raw
 from outbox_pipeline_tests.support.relay_worker import run_worker
 
@@ -54,17 +52,9 @@ COMPONENTS = {
 
 @pytest.fixture
 def billing_database_url(postgres_server_url, relay_env, monkeypatch):
-    name = f"outbox_billing_{int(time.time() * 1000) % 10**9}"
-    with psycopg.connect(postgres_server_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = with_database(postgres_server_url, name)
-    store = OutboxStore.connect(url)
-    store.migrate()
-    store.close()
-    monkeypatch.setenv("BILLING_OUTBOX_DATABASE_URL", url)
-    yield url
-    with psycopg.connect(postgres_server_url, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with new_database(postgres_server_url, "outbox_billing", migrated=True) as url:
+        monkeypatch.setenv("BILLING_OUTBOX_DATABASE_URL", url)
+        yield url
 
 
 @pytest.fixture

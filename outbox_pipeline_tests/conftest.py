@@ -7,10 +7,12 @@ its own on it. ClickHouse is chDB in the test's temporary directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import urllib.parse
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -39,14 +41,28 @@ def postgres_server_url() -> str:
     return embedded_postgres_url(Path(tempfile.mkdtemp(prefix="outbox-test-postgres-")), delete_on_exit=True)
 
 
+@contextlib.contextmanager
+def new_database(server_url: str, prefix: str = "outbox_test", *, migrated: bool = False) -> Iterator[str]:
+    """A database of its own on the test server (with the outbox schema when ``migrated``), dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(server_url, name)
+    try:
+        if migrated:
+            store = OutboxStore.connect(url)
+            store.migrate()
+            store.close()
+        yield url
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture
 def outbox_database_url(postgres_server_url: str) -> str:
-    name = f"outbox_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_server_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield with_database(postgres_server_url, name)
-    with psycopg.connect(postgres_server_url, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with new_database(postgres_server_url) as url:
+        yield url
 
 
 @pytest.fixture

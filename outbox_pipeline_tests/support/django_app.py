@@ -8,12 +8,8 @@ ids they published. The application's URLs are in django_urls.py.
 
 from __future__ import annotations
 
-import uuid
-
 import psycopg
 import pytest
-
-from outbox_pipeline.stores.outbox_store import OutboxStore
 
 
 @pytest.fixture(scope="session")
@@ -23,15 +19,13 @@ def django_outbox_url(postgres_server_url):
     from django.conf import settings
     from django.db import connections
 
-    from outbox_pipeline_tests.conftest import with_database
+    from outbox_pipeline_tests.conftest import new_database
 
-    name = f"outbox_django_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_server_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = with_database(postgres_server_url, name)
-    store = OutboxStore.connect(url)
-    store.migrate()
-    store.close()
+    with new_database(postgres_server_url, "outbox_django", migrated=True) as url:
+        yield from _configured_django(django, settings, connections, url)
+
+
+def _configured_django(django, settings, connections, url: str):
     parts = psycopg.conninfo.conninfo_to_dict(url)
     settings.configure(
         DATABASES={
@@ -54,5 +48,3 @@ def django_outbox_url(postgres_server_url):
     django.setup()
     yield url
     connections.close_all()
-    with psycopg.connect(postgres_server_url, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
