@@ -100,3 +100,25 @@ def test_run_records_event_log_materialization_with_metadata(relay_env, outbox):
     assert metadata["queue_size"].value == 0
     assert metadata["events_per_second"].value > 0
     assert {"batches", "duration_seconds", "oldest_pending_age_seconds"} <= set(metadata)
+
+
+def test_claims_stop_at_the_tail_of_the_backlog_while_producers_keep_committing(relay_env, outbox, monkeypatch):
+    """A steady stream must not turn a run's start into one Dagster step per trickle of new events."""
+    from outbox_pipeline.stores.outbox_store import OutboxStore
+
+    url = relay_env["OUTBOX_DATABASE_URL"]
+    publish_raw(url, 25)
+    original = OutboxStore.claim_next_batch
+    published = [25]
+
+    def a_producer_commits_between_claims(self, **kwargs):
+        handle = original(self, **kwargs)
+        publish_raw(url, 1, start=published[0])  # as a stream would, while the run claims
+        published[0] += 1
+        return handle
+
+    monkeypatch.setattr(OutboxStore, "claim_next_batch", a_producer_commits_between_claims)
+    result = run_relay(run_config={"batch_size": 10, "max_batches": 20})
+    assert result.success
+    # Two full batches, then the tail (7 events): not one more batch per event committed meanwhile.
+    assert result.output_for_node("report_relay_run")["batches"] == 3

@@ -20,8 +20,10 @@ from outbox_pipeline.following import ENDED_MAXIMUM, ENDED_QUIET, Follower, Foll
 from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor
 from outbox_pipeline.ops.event_log_events import relay_asset_events, relay_metadata
 from outbox_pipeline.ops.relay_ops import build_relay, connect_event_log
+from outbox_pipeline.relay import Relay
 from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
 from outbox_pipeline.run_limits import clickhouse_run_tags, shared_ops_pool
+from outbox_pipeline.stores.event_log_store import EventLogStore
 
 ENDED_QUEUED_RUN = "a queued run waits for the embedded ClickHouse"
 # The job Dagster builds for *Execute checks* / *Materialize* on the asset page.
@@ -65,6 +67,38 @@ def runs_waiting_for_embedded_clickhouse(instance: dg.DagsterInstance) -> bool:
         instance.get_run_records(dg.RunsFilter(statuses=queued, tags=clickhouse_run_tags(True)), limit=1)
         or instance.get_run_records(dg.RunsFilter(statuses=queued, job_name=IMPLICIT_ASSET_JOB), limit=1)
     )
+
+
+class SharedClickHouse:
+    """The run's ClickHouse connection, let go of between two loads when another process waits for it.
+
+    Only the embedded ClickHouse can be wanted elsewhere: one process at a time can open its
+    directory, and a following run would otherwise hold it for many minutes.
+    """
+
+    def __init__(self, clickhouse: ClickHouseResource, relay: Relay):
+        self.clickhouse = clickhouse
+        self.relay = relay
+
+    def event_log(self) -> EventLogStore:
+        if self.relay.event_log is None:
+            self.relay.event_log = self.clickhouse.store()
+        return self.relay.event_log
+
+    def ready(self) -> bool:
+        """Before a drain: taken back if it was let go; still busy elsewhere: the next look tries again."""
+        if self.relay.event_log is None:
+            try:
+                self.relay.event_log = self.clickhouse.store(busy_wait_seconds=0)
+            except StoreBusyError:
+                return False
+        return True
+
+    def on_pause(self) -> None:
+        """Between two looks: a command (`outbox-pipeline status`) may be waiting for the directory."""
+        if self.clickhouse.wanted_elsewhere:
+            self.clickhouse.release()
+            self.relay.event_log = None
 
 
 def _utc(timestamp: float) -> str:
@@ -115,31 +149,15 @@ def follow_outbox(
             clickhouse.asset, metadata,
             description=f"{window.events_loaded} events loaded from {_utc(window.started_at)} to {_utc(window.ended_at)} UTC "
             "while following the stream",
-            counts=counts, max_lag_seconds=outbox.freshness_max_lag_seconds, event_log=event_log(),
+            counts=counts, max_lag_seconds=outbox.freshness_max_lag_seconds, event_log=destination.event_log(),
             loaded_since=window.started_at,
         )
 
-    def event_log():
-        if relay.event_log is None:
-            relay.event_log = clickhouse.store()
-        return relay.event_log
-
-    def ready() -> bool:
-        # Taken back after another process had it (see on_pause); still busy: the next look tries again.
-        if relay.event_log is None:
-            try:
-                relay.event_log = clickhouse.store(busy_wait_seconds=0)
-            except StoreBusyError:
-                return False
-        return True
-
-    def on_pause() -> None:
-        # A command (`outbox-pipeline status`) waits for the embedded ClickHouse directory this run holds.
-        if clickhouse.wanted_elsewhere:
-            clickhouse.release()
-            relay.event_log = None
-
-    follower = Follower(relay, limits, should_stop=should_stop, ready=ready, on_pause=on_pause, on_batch=monitor.record_batch)
+    destination = SharedClickHouse(clickhouse, relay)
+    follower = Follower(
+        relay, limits, should_stop=should_stop, ready=destination.ready, on_pause=destination.on_pause,
+        on_batch=monitor.record_batch,
+    )
     started_at = dt.datetime.now(dt.UTC)
     context.log.info(
         f"following new events: a look every {limits.interval_seconds:g} s, for up to {limits.follow_seconds:g} s, "
@@ -159,10 +177,15 @@ def follow_outbox(
                     f"{minute.seconds:.0f} s ({follower.total.events_loaded} since following began)"
                 )
     except Exception:
-        # What was delivered before the failure is still recorded; the failure then ends the run.
+        # What was delivered before the failure is still recorded if it can be; the failure then ends the run.
         window = follower.close(follower.open_window)
+        recorded = []
         if window.batches:
-            yield from window_events(window)
+            try:
+                recorded = window_events(window)
+            except Exception as exc:
+                context.log.warning(f"could not record the last window's materialization: {exc}")
+        yield from recorded
         raise
     finally:
         total = follower.total

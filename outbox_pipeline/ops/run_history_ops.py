@@ -35,5 +35,8 @@ def prune_run_history(context: dg.OpExecutionContext, config: PruneConfig, run_h
         f"{result.failed_runs_deleted} failed runs of {', '.join(run_history.job_names)} ({policy.description}), "
         f"{result.bytes_removed / 2**20:.1f} MB of files; {result.failed_runs_kept} failed runs kept"
     )
-    metadata = {key: dg.MetadataValue.float(value) if isinstance(value, float) else dg.MetadataValue.int(value) for key, value in summary.items()}
+    metadata = {
+        key: dg.MetadataValue.float(value) if isinstance(value, float) else dg.MetadataValue.int(value)
+        for key, value in summary.items()
+    }
     return dg.Output(summary, metadata=metadata)
