@@ -20,12 +20,13 @@ from collections.abc import Iterator, Sequence
 import psycopg
 
 from outbox_pipeline.stores import batches, migrations, replay_retention, reporting
-from outbox_pipeline.stores.batches import BatchHandle, RejectedEvent, TracedEvent
+from outbox_pipeline.stores.batches import BatchHandle, RejectedEvent
 from outbox_pipeline.stores.migrations import NOTIFY_CHANNEL
 from outbox_pipeline.stores.postgres_connection import connect_postgres, describe_postgres_url
 from outbox_pipeline.stores.producer_sql import COPY_EVENTS_IN, INSERT_EVENT
 from outbox_pipeline.stores.relay_identity import DEFAULT_RELAY, RelayIdentity
 from outbox_pipeline.stores.reporting import OutboxCounts
+from outbox_pipeline.stores.trace_sample import TracedEvent, read_trace_sample
 
 # Importable from here as before the split (producer.py, ops, tests).
 __all__ = [
@@ -153,7 +154,7 @@ class OutboxStore:
         retried_limit: int,
     ) -> list[TracedEvent]:
         """The traced events of a loaded batch whose traces are continued (before it is marked: retry counts)."""
-        return batches.read_trace_sample(
+        return read_trace_sample(
             self.conn, handle, rejected_outbox_ids=rejected_outbox_ids, sample_size=sample_size,
             examined_rows=examined_rows, retried_limit=retried_limit,
         )
