@@ -1,18 +1,18 @@
 """Reading and inserting a run's batches ahead of its Dagster steps, in bounded memory.
 
-A run claims its batches first and then loads them one after another, one
-``load_batch`` step each. Every step costs Dagster some bookkeeping (events
+A run claims its batches first and then loads them one after another, several
+per ``load_batch`` step. Every step costs Dagster some bookkeeping (events
 written to its storage: tens of milliseconds each), during which the stores
 would sit idle. So two worker threads work ahead, in batch order:
 
 * the **reader** streams each batch out of PostgreSQL (COPY, on a connection of
-  its own, in pieces of about 1 MiB) into a queue of at most
-  ``MAX_BUFFERED_PIECES`` pieces; the read of batch k+1 starts once batch k's
-  rows have all been queued, and waits while its queue is full;
-* the **inserter** (when the run gives it ClickHouse) inserts each batch from that
-  queue under the batch's deduplication token, exactly the insert the step would
-  make, while the claims and Dagster's bookkeeping of earlier steps go on: at most
-  ``INSERT_AHEAD`` batches beyond the last step that asked for its batch, never past
+  its own, in pieces of about 1 MiB) into a queue of a few pieces; the read of
+  batch k+1 starts once batch k's rows have all been queued, and waits while its
+  queue is full;
+* the **inserter** (given ClickHouse; chDB it opens at once) inserts each batch
+  from that queue under the batch's deduplication token, exactly the insert the
+  step would make, while the claims and Dagster's bookkeeping go on: at most
+  ``INSERT_AHEAD`` batches beyond the last batch a step asked for, never past
   the run's time limit, and never while a step retries a failed insert itself (so
   one insert at a time goes to the connection). It never waits for a busy embedded
   ClickHouse directory (the step does, where an interrupt reaches it).
@@ -39,10 +39,14 @@ from outbox_pipeline.errors import StoreBusyError
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import BatchHandle, OutboxStore
 
-MAX_BUFFERED_PIECES = 8
-# How many batches the inserter may be ahead of the step that asked last: enough to keep
-# ClickHouse busy while the claims and Dagster's bookkeeping of several steps go on.
-INSERT_AHEAD = 3
+# Pieces of about 1 MiB the reader may hold per batch. An HTTP insert sends pieces as they come; chDB
+# writes an insert's rows to a file before inserting them, so there the reader may hold a whole default
+# batch (about 26 MiB at 100,000 events) and read it while the previous batch is being inserted.
+STREAMED_INSERT_PIECES = 8
+FILE_INSERT_PIECES = 32
+# How many batches the inserter may be ahead of the step that asked last: a whole default step's
+# batches (OUTBOX_BATCHES_PER_STEP), so they are inserted while the run is still claiming them.
+INSERT_AHEAD = 10
 _END = object()
 
 
@@ -53,8 +57,8 @@ class _Cancelled(Exception):
 class ReadAhead:
     """One batch's CSV, read by the reader thread; consumed once with ``pieces()``, or cancelled."""
 
-    def __init__(self) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=MAX_BUFFERED_PIECES)
+    def __init__(self, max_pieces: int) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pieces)
         self._cancelled = threading.Event()
         self._taken = False
 
@@ -130,10 +134,11 @@ class InsertedAhead:
 class _Inserter:
     """The thread that inserts batches ahead, in order, one at a time (see the module's docstring)."""
 
-    def __init__(self, prefetcher: BatchPrefetcher, event_log: Callable[[], EventLogStore], deadline: float):
+    def __init__(self, prefetcher: BatchPrefetcher, event_log: Callable[[], EventLogStore], deadline: float, *, open_at_once: bool):
         self._prefetcher = prefetcher
         self._event_log = event_log
         self._deadline = deadline
+        self._open_at_once = open_at_once
         self._condition = threading.Condition()
         self._taken = -1  # the last position whose step asked for its outcome
         self._failed: int | None = None  # a failed insert whose step may still use ClickHouse for it
@@ -175,6 +180,11 @@ class _Inserter:
         return position <= self._taken + INSERT_AHEAD and self._failed is None and self._prefetcher.planned(position)
 
     def _run(self) -> None:
+        if self._open_at_once:
+            try:
+                self._event_log()  # chDB takes most of a second to start: while the first batch is claimed
+            except Exception:
+                pass  # the first insert opens it again and reports what fails
         position = 0
         while True:
             with self._condition:
@@ -211,8 +221,11 @@ class _Inserter:
 
 
 class BatchPrefetcher:
-    def __init__(self, outbox_url: str):
+    def __init__(self, outbox_url: str, *, embedded_clickhouse: bool = False):
+        """``embedded_clickhouse``: chDB, which writes each insert to a file first and is slow to start."""
         self._url = outbox_url
+        self._embedded_clickhouse = embedded_clickhouse
+        self._max_pieces = FILE_INSERT_PIECES if embedded_clickhouse else STREAMED_INSERT_PIECES
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-prefetch")
         self._local = threading.local()
         self._stores: list[OutboxStore] = []
@@ -237,7 +250,9 @@ class BatchPrefetcher:
                     self._handles[handle.batch_id] = handle
                     self._start_read(handle)
         if insert_into is not None and self._inserter is None:
-            self._inserter = _Inserter(self, insert_into, deadline if deadline is not None else float("inf"))
+            self._inserter = _Inserter(
+                self, insert_into, deadline if deadline is not None else float("inf"), open_at_once=self._embedded_clickhouse
+            )
         if self._inserter is not None:
             self._inserter.wake()
 
@@ -289,7 +304,7 @@ class BatchPrefetcher:
         # Only a whole, never-split range batch is read ahead: that is the common case.
         if handle.split_points or handle.kind != "range":
             return
-        read = ReadAhead()
+        read = ReadAhead(self._max_pieces)
         self._reads[handle.batch_id] = read
         self._executor.submit(self._read, handle, read)
 

@@ -26,6 +26,7 @@ def build_resources(instance: RelayInstance) -> dict:
             event_types=list(instance.event_types),
             batch_size=settings.batch_size,
             max_batches_per_run=settings.max_batches_per_run,
+            batches_per_step=settings.batches_per_step,
             max_seconds_per_run=settings.max_seconds_per_run,
             lease_seconds=settings.lease_seconds,
             retry_attempts=settings.transient_retry_attempts,

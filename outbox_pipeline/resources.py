@@ -33,6 +33,7 @@ class OutboxDatabaseResource(dg.ConfigurableResource):
     event_types: list[str] = Field(default=[], description="Event-type patterns this relay takes; empty: all.")
     batch_size: int = 100_000
     max_batches_per_run: int = 50
+    batches_per_step: int = 10
     max_seconds_per_run: float = 300.0
     lease_seconds: float = 300.0
     retry_attempts: int = 5
@@ -82,10 +83,13 @@ class OutboxDatabaseResource(dg.ConfigurableResource):
             self._store = OutboxStore.connect(self.resolved_url(), relay=self.relay)
         return self._store
 
-    def prefetcher(self) -> BatchPrefetcher:
-        """Reads the run's next batch on a second connection while the current one is loaded."""
+    def prefetcher(self, *, embedded_clickhouse: bool = False) -> BatchPrefetcher:
+        """Reads the run's next batches on a second connection while the current one is loaded.
+
+        ``embedded_clickhouse``: the run inserts into chDB (see ``BatchPrefetcher``); the first call of a run decides.
+        """
         if self._prefetcher is None:
-            self._prefetcher = BatchPrefetcher(self.resolved_url())
+            self._prefetcher = BatchPrefetcher(self.resolved_url(), embedded_clickhouse=embedded_clickhouse)
         return self._prefetcher
 
     @contextlib.contextmanager

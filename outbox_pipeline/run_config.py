@@ -17,6 +17,9 @@ class RelayRunConfig(dg.Config):
     max_batches: int | None = Field(
         default=None, ge=1, description="Stop claiming after this many batches (unset: OUTBOX_MAX_BATCHES_PER_RUN)."
     )
+    batches_per_step: int | None = Field(
+        default=None, ge=1, description="Batches one load step and its mark step take (unset: OUTBOX_BATCHES_PER_STEP)."
+    )
     max_seconds: float | None = Field(
         default=None,
         gt=0,

@@ -90,6 +90,9 @@ class RelaySettings(ProducerSettings):
     # -- batches and runs -------------------------------------------------------------------
     batch_size: int = _env("OUTBOX_BATCH_SIZE", 100_000, "Events per batch, one ClickHouse insert each.", ge=1, le=1_000_000)
     max_batches_per_run: int = _env("OUTBOX_MAX_BATCHES_PER_RUN", 50, "A run claims at most this many batches.", ge=1)
+    batches_per_step: int = _env(
+        "OUTBOX_BATCHES_PER_STEP", 10, "Batches one load step and its mark step take: fewer Dagster steps per run.", ge=1
+    )
     max_seconds_per_run: float = _env("OUTBOX_MAX_SECONDS_PER_RUN", 300.0, "A run loads no more batches after this.", ge=1)
     lease_seconds: float = _env("OUTBOX_LEASE_SECONDS", 300.0, "A dead run's batch is taken again after this.", ge=0.1)
     transient_retry_attempts: int = _env("OUTBOX_RETRY_ATTEMPTS", 5, "Calls in all for a transient error.", ge=1)

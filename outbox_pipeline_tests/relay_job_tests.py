@@ -122,3 +122,20 @@ def test_claims_stop_at_the_tail_of_the_backlog_while_producers_keep_committing(
     assert result.success
     # Two full batches, then the tail (7 events): not one more batch per event committed meanwhile.
     assert result.output_for_node("report_relay_run")["batches"] == 3
+
+
+def test_a_step_takes_several_batches_each_with_its_own_insert_and_mark(relay_env, outbox):
+    """Fewer Dagster steps per run: a load step and its mark step take up to batches_per_step batches."""
+    publish_raw(relay_env["OUTBOX_DATABASE_URL"], 250)
+    result = run_relay(run_config={"batch_size": 40, "batches_per_step": 3})
+    assert result.success
+    loads = sorted(e.step_key for e in result.get_step_success_events() if e.step_key.startswith("load_batch"))
+    marks = sorted(e.step_key for e in result.get_step_success_events() if e.step_key.startswith("mark_batch_processed"))
+    assert loads == ["load_batch[batch_7]", "load_batch[batches_1_to_3]", "load_batch[batches_4_to_6]"]
+    assert [key.replace("mark_batch_processed", "load_batch") for key in marks] == loads
+    summary = result.output_for_node("report_relay_run")
+    assert (summary["events_loaded"], summary["batches"]) == (250, 7)
+    done = outbox.conn.execute("SELECT count(*) FROM outbox_batch WHERE state = 'done'").fetchone()[0]
+    assert done == 7  # each batch marked on its own
+    with event_log_store(relay_env["CLICKHOUSE_URL"]) as event_log:
+        assert event_log.counts() == (250, 250)

@@ -118,7 +118,8 @@ def test_process_outbox_events_sentry_error_handling(relay_env, outbox, recorder
     faults = {"fail_next_n": 1000, "fail_status": 503, "match": r"^\s*INSERT"}
     with running_clickhouse_http_server(chdb_path(relay_env), password=PASSWORD, faults=faults) as url:
         monkeypatch.setenv("CLICKHOUSE_URL", url)
-        result = run_relay(run_config=BATCH)
+        # One batch per step: three load steps fail alike.
+        result = run_relay(run_config={**BATCH, "batches_per_step": 1})
         assert get_faults(url)["injected"]["fail"] == 6  # 3 batches x 2 attempts
 
     assert not result.success

@@ -1,4 +1,7 @@
-"""Ops of ``process_outbox_events``: extract batches, load each into ClickHouse, mark each processed, report.
+"""Ops of ``process_outbox_events``: extract batches, load them into ClickHouse, mark them processed, report.
+
+A load step and its mark step take up to ``batches_per_step`` batches; each batch keeps its own
+insert, deduplication token, lease and mark.
 
 The run then follows the stream (ops/follow_ops.py) before it ends.
 
@@ -24,15 +27,20 @@ from outbox_pipeline.stores.outbox_store import BatchHandle, OutboxCounts
 
 
 @dataclasses.dataclass(frozen=True)
-class ClaimedBatch:
-    handle: BatchHandle
+class ClaimedBatches:
+    """The batches of one load step, in claim order.
+
+    A step takes several batches because each Dagster step costs bookkeeping (tens
+    of events in the run's storage) that competes with the load itself; each batch
+    keeps its own insert, deduplication token, lease and mark.
+    """
+
+    handles: tuple[BatchHandle, ...]
     deadline: float  # wall-clock time after which the run loads no more batches
 
 
 @dataclasses.dataclass(frozen=True)
 class LoadedBatch:
-    """What load_batch hands to mark_batch_processed: one input, so one step's bookkeeping less per batch."""
-
     handle: BatchHandle
     result: LoadResult
 
@@ -87,7 +95,7 @@ def _transient_connect_error(exc: BaseException) -> bool:
     return is_transient(exc.__context__ or exc)
 
 
-@dg.op(out=dg.DynamicOut(ClaimedBatch), description="Claim pending outbox batches for this run (extract).")
+@dg.op(out=dg.DynamicOut(ClaimedBatches), description="Claim pending outbox batches for this run (extract).")
 def extract_outbox_batches(
     context: dg.OpExecutionContext,
     config: RelayRunConfig,
@@ -99,13 +107,18 @@ def extract_outbox_batches(
     max_batches = config.max_batches or outbox.max_batches_per_run
     relay = build_relay(context, outbox, monitor, batch_size)
     deadline = time.time() + (config.max_seconds or outbox.max_seconds_per_run)
+    # The inserter starts now: chDB opens while the queue is read and the first batch claimed.
+    prefetcher = outbox.prefetcher(embedded_clickhouse=clickhouse.is_embedded)
+    prefetcher.plan([], insert_into=lambda: clickhouse.store(busy_wait_seconds=0), deadline=deadline)
     # Should the run fail before report_relay_run, the monitor reads the queue's end figures itself.
     monitor.read_queue_at_end(lambda: read_queue(outbox))
     counts = outbox.store().counts(include_processed=False)
     monitor.set_data(batch_size=batch_size)
     monitor.record_queue_before(counts)
     context.log.info(f"{counts.pending} events pending; claiming up to {max_batches} batches of {batch_size}")
+    per_step = config.batches_per_step or outbox.batches_per_step
     claimed = 0
+    step: list[BatchHandle] = []
     while claimed < max_batches:
         with monitor.span("extract", "claim outbox batch") as span:
             handle = relay.claim()
@@ -117,65 +130,98 @@ def extract_outbox_batches(
         claimed += 1
         # Reading and inserting the first batch start while the others are still being claimed, and each
         # next batch is inserted while Dagster records the steps of the previous one (see prefetch.py).
-        outbox.prefetcher().plan([handle], insert_into=lambda: clickhouse.store(busy_wait_seconds=0), deadline=deadline)
-        yield dg.DynamicOutput(ClaimedBatch(handle, deadline), mapping_key=f"batch_{handle.batch_id}")
-        if handle.kind == "range" and handle.claim_count == 1 and handle.row_count < batch_size:
-            # The backlog's tail: what producers commit from now on is the stream's, which follow_outbox
-            # (or the next run) loads in a few batches, not in one Dagster step per trickle.
+        prefetcher.plan([handle])
+        step.append(handle)
+        # The backlog's tail: what producers commit from now on is the stream's, which follow_outbox
+        # (or the next run) loads in a few batches, not in one Dagster step per trickle.
+        tail = handle.kind == "range" and handle.claim_count == 1 and handle.row_count < batch_size
+        if len(step) == per_step or tail:
+            yield _step_output(step, deadline)
+            step = []
+        if tail:
             break
+    if step:
+        yield _step_output(step, deadline)
     context.log.info(f"claimed {claimed} batches")
 
 
+def _step_output(handles: list[BatchHandle], deadline: float) -> dg.DynamicOutput:
+    first, last = handles[0].batch_id, handles[-1].batch_id
+    key = f"batch_{first}" if len(handles) == 1 else f"batches_{first}_to_{last}"
+    return dg.DynamicOutput(ClaimedBatches(tuple(handles), deadline), mapping_key=key)
+
+
 @dg.op(
-    description="Insert one claimed batch into ClickHouse, idempotently; isolates events ClickHouse rejects.",
+    description="Insert the claimed batches of one step into ClickHouse, each idempotently; isolates events ClickHouse rejects.",
     pool=shared_ops_pool(),
 )
 def load_batch(
     context: dg.OpExecutionContext,
-    claimed: ClaimedBatch,
+    claimed: ClaimedBatches,
     outbox: OutboxDatabaseResource,
     clickhouse: ClickHouseResource,
     monitor: RelayRunMonitor,
-) -> LoadedBatch:
-    handle = claimed.handle
+) -> list[LoadedBatch]:
     relay = build_relay(context, outbox, monitor, prefetch=True)
-    if time.time() >= claimed.deadline:
+    loaded: list[LoadedBatch] = []
+    try:
+        for handle in claimed.handles:
+            loaded.append(LoadedBatch(handle, _load_one(context, relay, handle, claimed.deadline, clickhouse, monitor)))
+    except Exception:
+        # The step fails, so its mark step does not run: every batch of the step goes back at once. Those
+        # already inserted are inserted again by the next run under the same tokens, which ClickHouse drops.
+        for handle in claimed.handles:
+            if not relay.release_after_failure(handle):
+                context.log.warning(f"could not release batch {handle.batch_id}; it is retaken when its lease expires")
+        raise
+    return loaded
+
+
+def _load_one(
+    context: dg.OpExecutionContext,
+    relay: Relay,
+    handle: BatchHandle,
+    deadline: float,
+    clickhouse: ClickHouseResource,
+    monitor: RelayRunMonitor,
+) -> LoadResult:
+    if time.time() >= deadline:
         relay.release(handle)
         context.log.info(f"run time limit reached: batch {handle.batch_id} released for the next run")
-        return LoadedBatch(handle, LoadResult(handle.batch_id, handle.kind, handle.row_count, 0, (), 0, 0.0, lease_lost=True))
-    try:
+        return LoadResult(handle.batch_id, handle.kind, handle.row_count, 0, (), 0, 0.0, lease_lost=True)
+    if relay.event_log is None:
         relay.event_log = connect_event_log(clickhouse, relay, monitor)
-        with monitor.span("load", "insert batch into ClickHouse", batch_id=handle.batch_id, batch_size=handle.row_count) as span:
-            result = relay.load(handle)
-            if span is not None:
-                # Many inserts for one batch mean rejected events were bisected out.
-                span.set_data("inserts", result.inserts)
-                span.set_data("rejected", len(result.rejected))
-    except Exception:
-        if not relay.release_after_failure(handle):
-            context.log.warning(f"could not release batch {handle.batch_id}; it is retaken when its lease expires")
-        raise
+    with monitor.span("load", "insert batch into ClickHouse", batch_id=handle.batch_id, batch_size=handle.row_count) as span:
+        result = relay.load(handle)
+        if span is not None:
+            # Many inserts for one batch mean rejected events were bisected out.
+            span.set_data("inserts", result.inserts)
+            span.set_data("rejected", len(result.rejected))
     # Before the mark, which forgets the retry counts of delivered retries.
     monitor.trace_batch(relay.outbox, handle, result, destination=clickhouse.table)
     for event in result.rejected:
         context.log.warning(f"ClickHouse rejected event {event.event_id}: {event.error[:500]}")
     monitor.distribution("outbox.batch_processing_time", result.seconds, unit="second")
-    return LoadedBatch(handle, result)
+    return result
 
 
-# Priority: each batch is marked right after its load, not after every load of the run,
-# so a run that dies midway leaves only its current batch to be taken again.
+# Priority: a step's batches are marked right after their load, not after every load of the run,
+# so a run that dies midway leaves only its current step's batches to be taken again.
 @dg.op(
-    description="Mark a loaded batch processed and record rejected events for retry, in one transaction.",
+    description="Mark the loaded batches of one step processed, each with its rejected events in one transaction.",
     tags={"dagster/priority": "1"},
 )
 def mark_batch_processed(
     context: dg.OpExecutionContext,
-    batch: LoadedBatch,
+    batches: list[LoadedBatch],
     outbox: OutboxDatabaseResource,
     monitor: RelayRunMonitor,
-) -> MarkedBatch:
+) -> list[MarkedBatch]:
     relay = build_relay(context, outbox, monitor)
+    return [_mark_one(context, relay, batch, monitor) for batch in batches]
+
+
+def _mark_one(context: dg.OpExecutionContext, relay: Relay, batch: LoadedBatch, monitor: RelayRunMonitor) -> MarkedBatch:
     loaded = batch.result
     with monitor.span("mark", "mark batch processed", batch_id=loaded.batch_id):
         marked = relay.mark(loaded, batch.handle)
@@ -192,11 +238,12 @@ def mark_batch_processed(
 @dg.op(description="Record what the run did with its backlog on the event_log asset, with the checks' evaluations.")
 def report_relay_run(
     context: dg.OpExecutionContext,
-    batches: list[MarkedBatch],
+    steps: list[list[MarkedBatch]],
     outbox: OutboxDatabaseResource,
     clickhouse: ClickHouseResource,
     monitor: RelayRunMonitor,
 ):
+    batches = [batch for step in steps for batch in step]
     stats = context.instance.get_run_stats(context.run_id)
     started = stats.start_time or time.time()
     loaded = sum(b.loaded_rows for b in batches)

@@ -220,3 +220,30 @@ def test_postgres_backend_terminated_while_a_batch_streams_into_clickhouse_recon
     assert terminated == [True]
     assert totals.events_loaded == EVENTS and relay.retries >= 1
     assert outbox_state(outbox) == (0, EVENTS, 0)
+
+
+def test_a_failed_step_gives_back_every_batch_it_holds_and_the_next_run_leaves_no_duplicate(http_relay_env, monkeypatch):
+    """The step's first batch reaches ClickHouse, then every insert fails: its inserted batch goes back too."""
+    from outbox_pipeline.stores.event_log_store import EventLogStore
+
+    env, outbox = http_relay_env
+    publish_raw(env["OUTBOX_DATABASE_URL"], EVENTS)
+    original = EventLogStore.insert_csv
+
+    def clickhouse_fails_after_the_first_insert(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        set_faults(env["CLICKHOUSE_URL"], fail_next_n=1_000_000, fail_status=503, match="INSERT INTO")
+
+    monkeypatch.setattr(EventLogStore, "insert_csv", clickhouse_fails_after_the_first_insert)
+    failed = run_relay(run_config={"batch_size": BATCH})  # its three batches in one step
+
+    assert not failed.success
+    assert clickhouse_counts(env["CLICKHOUSE_URL"]) == (BATCH, BATCH)
+    assert outbox_state(outbox) == (EVENTS, 0, 0)
+    assert live_leases(outbox) == 0  # all three, the inserted one too, taken again at once
+
+    monkeypatch.setattr(EventLogStore, "insert_csv", original)
+    clear_faults(env["CLICKHOUSE_URL"])
+    assert run_relay(run_config={"batch_size": BATCH}).success
+    assert clickhouse_counts(env["CLICKHOUSE_URL"]) == (EVENTS, EVENTS)
+    assert outbox_state(outbox) == (0, EVENTS, 0)
