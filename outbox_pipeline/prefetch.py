@@ -11,8 +11,9 @@ would sit idle. So two worker threads work ahead, in batch order:
   queue is full;
 * the **inserter** (given ClickHouse; chDB it opens at once) inserts each batch
   from that queue under the batch's deduplication token, exactly the insert the
-  step would make, while the claims and Dagster's bookkeeping go on: at most
-  ``INSERT_AHEAD`` batches beyond the last batch a step asked for, never past
+  step would make, while the claims and Dagster's bookkeeping go on: at most a
+  step's worth of batches beyond the last batch a step asked for (so a step's
+  batches are inserted while the run still claims them), never past
   the run's time limit, and never while a step retries a failed insert itself (so
   one insert at a time goes to the connection). It never waits for a busy embedded
   ClickHouse directory (the step does, where an interrupt reaches it).
@@ -44,9 +45,6 @@ from outbox_pipeline.stores.outbox_store import BatchHandle, OutboxStore
 # batch (about 26 MiB at 100,000 events) and read it while the previous batch is being inserted.
 STREAMED_INSERT_PIECES = 8
 FILE_INSERT_PIECES = 32
-# How many batches the inserter may be ahead of the step that asked last: a whole default step's
-# batches (OUTBOX_BATCHES_PER_STEP), so they are inserted while the run is still claiming them.
-INSERT_AHEAD = 10
 _END = object()
 
 
@@ -134,10 +132,19 @@ class InsertedAhead:
 class _Inserter:
     """The thread that inserts batches ahead, in order, one at a time (see the module's docstring)."""
 
-    def __init__(self, prefetcher: BatchPrefetcher, event_log: Callable[[], EventLogStore], deadline: float, *, open_at_once: bool):
+    def __init__(
+        self,
+        prefetcher: BatchPrefetcher,
+        event_log: Callable[[], EventLogStore],
+        deadline: float,
+        batches_ahead: int,
+        *,
+        open_at_once: bool,
+    ):
         self._prefetcher = prefetcher
         self._event_log = event_log
         self._deadline = deadline
+        self._batches_ahead = batches_ahead
         self._open_at_once = open_at_once
         self._condition = threading.Condition()
         self._taken = -1  # the last position whose step asked for its outcome
@@ -175,9 +182,9 @@ class _Inserter:
         self._thread.join()
 
     def _may_insert(self, position: int) -> bool:
-        # At most INSERT_AHEAD batches beyond the last one asked for, and never while a step retries
+        # At most batches_ahead beyond the last one asked for, and never while a step retries
         # a failed insert itself: the connection serves one insert at a time.
-        return position <= self._taken + INSERT_AHEAD and self._failed is None and self._prefetcher.planned(position)
+        return position <= self._taken + self._batches_ahead and self._failed is None and self._prefetcher.planned(position)
 
     def _run(self) -> None:
         if self._open_at_once:
@@ -235,26 +242,21 @@ class BatchPrefetcher:
         self._reads: dict[int, ReadAhead] = {}
         self._inserter: _Inserter | None = None
 
-    def plan(
-        self,
-        handles: Sequence[BatchHandle],
-        *,
-        insert_into: Callable[[], EventLogStore] | None = None,
-        deadline: float | None = None,
-    ) -> None:
-        """The batches this run will load, in order: reading them starts now, and inserting them, given ClickHouse."""
+    def plan(self, handles: Sequence[BatchHandle]) -> None:
+        """The batches this run will load, in order: reading them starts now, and inserting them once started."""
         with self._lock:
             for handle in handles:
                 if handle.batch_id not in self._handles:
                     self._order.append(handle.batch_id)
                     self._handles[handle.batch_id] = handle
                     self._start_read(handle)
-        if insert_into is not None and self._inserter is None:
-            self._inserter = _Inserter(
-                self, insert_into, deadline if deadline is not None else float("inf"), open_at_once=self._embedded_clickhouse
-            )
         if self._inserter is not None:
             self._inserter.wake()
+
+    def start_inserting(self, insert_into: Callable[[], EventLogStore], *, deadline: float, batches_ahead: int) -> None:
+        """Insert the planned batches into ClickHouse as they come, at most ``batches_ahead`` beyond the last taken."""
+        if self._inserter is None:
+            self._inserter = _Inserter(self, insert_into, deadline, batches_ahead, open_at_once=self._embedded_clickhouse)
 
     def take(self, handle: BatchHandle) -> InsertedAhead | ReadAhead | None:
         """What was done ahead for the batch: its insert's outcome, or its read-ahead, or nothing.

@@ -204,15 +204,15 @@ class Relay:
             ),
         )
 
-    def release(self, handle: BatchHandle) -> None:
-        self._postgres("releasing the batch", lambda: self.outbox.release_batch(handle))
+    def release(self, *handles: BatchHandle) -> None:
+        self._postgres("releasing batches", lambda: self.outbox.release_batches(handles))
 
-    def release_after_failure(self, handle: BatchHandle) -> bool:
-        """Give a batch whose load failed back at once, not after its lease; False if that failed too."""
+    def release_after_failure(self, *handles: BatchHandle) -> bool:
+        """Give batches whose load failed back at once, not after their lease; False if that failed too."""
         try:
-            self.release(handle)
+            self.release(*handles)
         except Exception:
-            return False  # its lease frees it
+            return False  # their leases free them
         return True
 
     def has_pending_work(self) -> bool:

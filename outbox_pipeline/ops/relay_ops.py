@@ -107,16 +107,16 @@ def extract_outbox_batches(
     max_batches = config.max_batches or outbox.max_batches_per_run
     relay = build_relay(context, outbox, monitor, batch_size)
     deadline = time.time() + (config.max_seconds or outbox.max_seconds_per_run)
+    per_step = config.batches_per_step or outbox.batches_per_step
     # The inserter starts now: chDB opens while the queue is read and the first batch claimed.
     prefetcher = outbox.prefetcher(embedded_clickhouse=clickhouse.is_embedded)
-    prefetcher.plan([], insert_into=lambda: clickhouse.store(busy_wait_seconds=0), deadline=deadline)
+    prefetcher.start_inserting(lambda: clickhouse.store(busy_wait_seconds=0), deadline=deadline, batches_ahead=per_step)
     # Should the run fail before report_relay_run, the monitor reads the queue's end figures itself.
     monitor.read_queue_at_end(lambda: read_queue(outbox))
     counts = outbox.store().counts(include_processed=False)
     monitor.set_data(batch_size=batch_size)
     monitor.record_queue_before(counts)
     context.log.info(f"{counts.pending} events pending; claiming up to {max_batches} batches of {batch_size}")
-    per_step = config.batches_per_step or outbox.batches_per_step
     claimed = 0
     step: list[BatchHandle] = []
     while claimed < max_batches:
@@ -170,9 +170,9 @@ def load_batch(
     except Exception:
         # The step fails, so its mark step does not run: every batch of the step goes back at once. Those
         # already inserted are inserted again by the next run under the same tokens, which ClickHouse drops.
-        for handle in claimed.handles:
-            if not relay.release_after_failure(handle):
-                context.log.warning(f"could not release batch {handle.batch_id}; it is retaken when its lease expires")
+        if not relay.release_after_failure(*claimed.handles):
+            ids = ", ".join(str(handle.batch_id) for handle in claimed.handles)
+            context.log.warning(f"could not release batches {ids}; they are retaken when their leases expire")
         raise
     return loaded
 

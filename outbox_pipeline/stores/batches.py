@@ -230,12 +230,13 @@ def renew_lease(conn: psycopg.Connection, handle: BatchHandle, lease_seconds: fl
     return row is not None
 
 
-def release_batch(conn: psycopg.Connection, handle: BatchHandle) -> None:
-    """Give a claimed batch back at once (a run ran out of time): the next claim takes it."""
+def release_batches(conn: psycopg.Connection, handles: Sequence[BatchHandle]) -> None:
+    """Give claimed batches back at once (a run ran out of time, or their step failed): the next claim takes them."""
     conn.execute(
-        "UPDATE outbox_batch SET lease_expires_at = now() - interval '1 second' "
-        "WHERE id = %s AND state = 'claimed' AND claimed_by = %s AND claim_count = %s",
-        (handle.batch_id, handle.claimed_by, handle.claim_count),
+        "UPDATE outbox_batch b SET lease_expires_at = now() - interval '1 second' "
+        "FROM unnest(%s::bigint[], %s::text[], %s::integer[]) AS h(id, claimed_by, claim_count) "
+        "WHERE b.id = h.id AND b.state = 'claimed' AND b.claimed_by = h.claimed_by AND b.claim_count = h.claim_count",
+        ([h.batch_id for h in handles], [h.claimed_by for h in handles], [h.claim_count for h in handles]),
     )
 
 

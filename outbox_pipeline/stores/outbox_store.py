@@ -121,8 +121,8 @@ class OutboxStore:
     def renew_lease(self, handle: BatchHandle, lease_seconds: float) -> bool:
         return batches.renew_lease(self.conn, handle, lease_seconds)
 
-    def release_batch(self, handle: BatchHandle) -> None:
-        batches.release_batch(self.conn, handle)
+    def release_batches(self, handles: Sequence[BatchHandle]) -> None:
+        batches.release_batches(self.conn, handles)
 
     def current_split_points(self, handle: BatchHandle) -> tuple[int, ...]:
         return batches.current_split_points(self.conn, handle)

@@ -124,7 +124,7 @@ def test_a_release_v1_database_is_upgraded_in_place_and_every_event_is_delivered
     taken_over = store.claim_next_batch(claimed_by="after-upgrade", batch_size=100, lease_seconds=60)
     assert (taken_over.batch_id, taken_over.claim_count, taken_over.row_count) == (in_flight.batch_id, 2, 10)
     assert taken_over.deduplication_token(0, 10) == in_flight.deduplication_token(0, 10)
-    store.release_batch(taken_over)
+    store.release_batches([taken_over])
     # The retrying event's backoff has passed.
     store.conn.execute("UPDATE outbox_failure SET next_attempt_at = now() WHERE state = 'retrying'")
 
