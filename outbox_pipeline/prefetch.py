@@ -9,7 +9,7 @@ would sit idle. So two worker threads work ahead, in batch order:
   its own, in pieces of about 1 MiB) into a queue of a few pieces; the read of
   batch k+1 starts once batch k's rows have all been queued, and waits while its
   queue is full;
-* the **inserter** (given ClickHouse; chDB it opens at once) inserts each batch
+* the **inserter** (given ClickHouse) inserts each batch
   from that queue under the batch's deduplication token, exactly the insert the
   step would make, while the claims and Dagster's bookkeeping go on: at most a
   step's worth of batches beyond the last batch a step asked for (so a step's
@@ -138,14 +138,11 @@ class _Inserter:
         event_log: Callable[[], EventLogStore],
         deadline: float,
         batches_ahead: int,
-        *,
-        open_at_once: bool,
     ):
         self._prefetcher = prefetcher
         self._event_log = event_log
         self._deadline = deadline
         self._batches_ahead = batches_ahead
-        self._open_at_once = open_at_once
         self._condition = threading.Condition()
         self._taken = -1  # the last position whose step asked for its outcome
         self._failed: int | None = None  # a failed insert whose step may still use ClickHouse for it
@@ -187,11 +184,6 @@ class _Inserter:
         return position <= self._taken + self._batches_ahead and self._failed is None and self._prefetcher.planned(position)
 
     def _run(self) -> None:
-        if self._open_at_once:
-            try:
-                self._event_log()  # chDB takes most of a second to start: while the first batch is claimed
-            except Exception:
-                pass  # the first insert opens it again and reports what fails
         position = 0
         while True:
             with self._condition:
@@ -229,7 +221,7 @@ class _Inserter:
 
 class BatchPrefetcher:
     def __init__(self, outbox_url: str, *, embedded_clickhouse: bool = False):
-        """``embedded_clickhouse``: chDB, which writes each insert to a file first and is slow to start."""
+        """``embedded_clickhouse``: chDB, which writes each insert to a file first (so more is read ahead)."""
         self._url = outbox_url
         self._embedded_clickhouse = embedded_clickhouse
         self._max_pieces = FILE_INSERT_PIECES if embedded_clickhouse else STREAMED_INSERT_PIECES
@@ -256,7 +248,7 @@ class BatchPrefetcher:
     def start_inserting(self, insert_into: Callable[[], EventLogStore], *, deadline: float, batches_ahead: int) -> None:
         """Insert the planned batches into ClickHouse as they come, at most ``batches_ahead`` beyond the last taken."""
         if self._inserter is None:
-            self._inserter = _Inserter(self, insert_into, deadline, batches_ahead, open_at_once=self._embedded_clickhouse)
+            self._inserter = _Inserter(self, insert_into, deadline, batches_ahead)
 
     def take(self, handle: BatchHandle) -> InsertedAhead | ReadAhead | None:
         """What was done ahead for the batch: its insert's outcome, or its read-ahead, or nothing.

@@ -87,6 +87,19 @@ def connect_event_log(clickhouse: ClickHouseResource, relay: Relay, monitor: Rel
     )
 
 
+def open_embedded_clickhouse(clickhouse: ClickHouseResource) -> None:
+    """Start chDB before the first claim, on the step's own thread.
+
+    Loading the engine holds the GIL for a few hundred milliseconds; on the inserter's thread
+    it stalled the reader and Dagster's bookkeeping for longer than it saved. A busy directory
+    or a failure is left to the first insert, which waits for it or reports it.
+    """
+    try:
+        clickhouse.store(busy_wait_seconds=0)
+    except Exception:
+        pass
+
+
 def _transient_connect_error(exc: BaseException) -> bool:
     # The connect raises its one-line translation `from None`; the driver's own error is its __context__.
     # A busy chDB directory was already waited for; bad URLs and credentials do not pass.
@@ -108,7 +121,8 @@ def extract_outbox_batches(
     relay = build_relay(context, outbox, monitor, batch_size)
     deadline = time.time() + (config.max_seconds or outbox.max_seconds_per_run)
     per_step = config.batches_per_step or outbox.batches_per_step
-    # The inserter starts now: chDB opens while the queue is read and the first batch claimed.
+    if clickhouse.is_embedded:
+        open_embedded_clickhouse(clickhouse)
     prefetcher = outbox.prefetcher(embedded_clickhouse=clickhouse.is_embedded)
     prefetcher.start_inserting(lambda: clickhouse.store(busy_wait_seconds=0), deadline=deadline, batches_ahead=per_step)
     # Should the run fail before report_relay_run, the monitor reads the queue's end figures itself.
