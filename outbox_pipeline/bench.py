@@ -39,13 +39,14 @@ from pathlib import Path
 import psycopg
 
 from outbox_pipeline.event_columns import EVENT_COLUMNS
+from outbox_pipeline.stores.batches import stream_csv
 from outbox_pipeline.stores.clickhouse_connection import clickhouse_client, describe_clickhouse_url
 from outbox_pipeline.stores.event_log_store import create_table_sql
 from outbox_pipeline.stores.outbox_store import OutboxStore
 from outbox_pipeline.stores.postgres_connection import describe_postgres_url, embedded_postgres_url
 
 NAIVE_SAMPLE = 10_000
-LIMIT_CHUNK = 50_000
+LIMIT_CHUNK_BYTES = 12 << 20  # about 50,000 of the bench's events per insert
 
 # Realistic payloads of about 150 bytes, generated in PostgreSQL so loading the backlog is quick.
 _EVENT_CONTEXT = """json_build_object('order_id', n, 'user_id', n %% 9973, 'amount', round((n %% 100000) / 100.0, 2),
@@ -114,19 +115,10 @@ def measure_limit(database_url: str, clickhouse_url: str) -> dict:
             chunks.put(None)
 
     def stream() -> None:
-        with psycopg.connect(database_url, options="-c TimeZone=UTC") as conn, conn.cursor() as cur:
-            with cur.copy(f"COPY (SELECT {columns} FROM outbox ORDER BY txid, id) TO STDOUT (FORMAT csv, FORCE_QUOTE *)") as copy:
-                buffer, lines = bytearray(), 0
-                for data in copy:
-                    buffer += data
-                    lines += bytes(data).count(b"\n")  # payloads here have no newlines
-                    if lines >= LIMIT_CHUNK:
-                        cut = buffer.rfind(b"\n") + 1
-                        chunks.put(bytes(buffer[:cut]))
-                        del buffer[:cut]
-                        lines = 0
-                if buffer:
-                    chunks.put(bytes(buffer))
+        # The relay's own COPY reader (stores/batches.py), in pieces of whole rows.
+        with psycopg.connect(database_url, options="-c TimeZone=UTC") as conn:
+            for piece in stream_csv(conn, f"SELECT {columns} FROM outbox ORDER BY txid, id", (), chunk_bytes=LIMIT_CHUNK_BYTES):
+                chunks.put(piece)
 
     with clickhouse_client(clickhouse_url, busy_wait_seconds=30) as client:
         started = time.perf_counter()

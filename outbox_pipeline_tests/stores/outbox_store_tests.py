@@ -1,5 +1,7 @@
 import psycopg
+import pytest
 
+from outbox_pipeline.stores import batches
 from outbox_pipeline.stores.outbox_store import OutboxStore
 from outbox_pipeline_tests.conftest import event_log_store
 from outbox_pipeline_tests.support.relay_runs import publish_raw
@@ -108,3 +110,33 @@ def test_deduplication_tokens_differ_between_outbox_installations(relay_env, out
     fresh.close()
     assert recreated.batch_id == handle.batch_id
     assert recreated.deduplication_token(0, 1) != handle.deduplication_token(0, 1)
+
+
+ROWS_QUERY = "SELECT n, repeat('x', n %% 50) FROM generate_series(1, %s) AS n"
+FAILING_QUERY = "SELECT n, 1 / (n - %s) FROM generate_series(1, %s) AS n"
+
+
+@pytest.mark.parametrize("rows", [3, 200_000])
+def test_a_streamed_copy_gives_the_same_bytes_as_a_whole_read(relay_env, outbox, rows):
+    whole = batches.copy_csv(outbox.conn, ROWS_QUERY, (rows,))
+    pieces = list(batches.stream_csv(outbox.conn, ROWS_QUERY, (rows,), chunk_bytes=64 * 1024))
+    assert b"".join(pieces) == whole
+    assert whole.count(b"\n") == rows
+    assert outbox.conn.execute("SELECT 1").fetchone() == (1,)  # the COPY was finished: the connection goes on
+
+
+@pytest.mark.parametrize(("failing_row", "rows"), [(2, 3), (150_000, 200_000)])
+def test_a_copy_that_fails_midway_raises_the_servers_error_and_the_connection_goes_on(relay_env, outbox, failing_row, rows):
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        for _ in batches.stream_csv(outbox.conn, FAILING_QUERY, (failing_row, rows), chunk_bytes=64 * 1024):
+            pass
+    outbox.conn.rollback()
+    assert outbox.conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_closing_a_stream_early_cancels_the_copy_and_the_connection_goes_on(relay_env, outbox):
+    stream = batches.stream_csv(outbox.conn, ROWS_QUERY, (2_000_000,), chunk_bytes=64 * 1024)
+    assert next(stream).count(b"\n") > 0
+    stream.close()
+    outbox.conn.rollback()
+    assert outbox.conn.execute("SELECT count(*) FROM generate_series(1, 10)").fetchone() == (10,)
