@@ -172,7 +172,24 @@ def _relay_child() -> None:
     summary = run.output_for_node("report_relay_run")
     print(json.dumps({"rows": summary["events_loaded"], "batches": summary["batches"], "seconds": seconds,
                       "run_seconds": stats.end_time - stats.start_time,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mb": _own_peak_rss_mb()}))
+
+
+def _own_peak_rss_mb() -> float:
+    """This process's peak RSS since it started.
+
+    Not ``ru_maxrss``: Linux keeps it across fork and exec, so a child started by a large
+    parent reports the parent's size. ``VmHWM`` belongs to the process's own memory map.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes on macOS, KiB elsewhere
 
 
 def measure_naive(database_url: str, clickhouse_url: str) -> dict:
