@@ -11,10 +11,11 @@ server in OUTBOX_BENCH_DATABASE_URL, whose database is left with bench tables).
 Every figure of the table is measured in this run:
 
 * relay: ``process_outbox_events`` draining the whole backlog (claim, load, mark),
-  in a child process so that its peak memory is its own;
-* practical limit: the same rows streamed out of PostgreSQL with COPY and inserted
-  into ClickHouse with no bookkeeping, the read of the next chunk overlapping the
-  insert of the previous one;
+  in a child process so that its peak memory is its own; then the same job with
+  nothing pending, which is the floor of every run (Dagster's steps and records);
+* practical limit: the same rows streamed out of PostgreSQL with COPY (the relay's
+  own reader) and inserted into ClickHouse with no bookkeeping, the read of the
+  next chunk overlapping the insert of the previous one;
 * naive relay: one ClickHouse insert and one processed-flag UPDATE per event, on a
   10,000-event sample;
 * latency from commit to visible in ClickHouse under a steady producer, for the
@@ -223,6 +224,8 @@ def run_table(database_url: str, clickhouse_url: str, events: int, batch_size: i
     load_seconds = load_backlog(database_url, events)
     limit = measure_limit(database_url, clickhouse_url)
     relay = measure_relay(database_url, clickhouse_url, batch_size)
+    # The same job once more with nothing pending: what any run costs before and after its rows.
+    empty = measure_relay(database_url, clickhouse_url, batch_size)
     naive = measure_naive(database_url, clickhouse_url)
     stats = outbox_statistics(database_url)
     with clickhouse_client(clickhouse_url, busy_wait_seconds=30) as client:
@@ -235,7 +238,7 @@ def run_table(database_url: str, clickhouse_url: str, events: int, batch_size: i
         "events": events, "load_seconds": load_seconds,
         "relay_eps": relay_eps, "relay_call_eps": rate(relay), "limit_eps": rate(limit), "naive_eps": rate(naive),
         "relay_over_limit": relay_eps / rate(limit), "relay_over_naive": relay_eps / rate(naive),
-        "relay_peak_rss_mb": relay["peak_rss_mb"], "relay_batches": relay["batches"],
+        "relay_peak_rss_mb": relay["peak_rss_mb"], "relay_batches": relay["batches"], "empty_run_seconds": empty["run_seconds"],
         "outbox_total_mb": stats["total_bytes"] / 2**20, "outbox_index_mb": stats["index_bytes"] / 2**20,
         "dead_tuples": stats["dead_tuples"], "clickhouse_rows": int(rows), "clickhouse_distinct": int(distinct),
     }
@@ -251,6 +254,7 @@ def print_table(results: list[dict]) -> None:
         ("relay / limit", "relay_over_limit", "{:.2f}"),
         ("relay / naive", "relay_over_naive", "{:,.0f}x"),
         ("relay batches", "relay_batches", "{:,}"),
+        ("a relay run with nothing pending (the same job's floor), s", "empty_run_seconds", "{:.2f}"),
         ("relay peak RSS, MB", "relay_peak_rss_mb", "{:,.0f}"),
         ("outbox table + indexes after run, MB", "outbox_total_mb", "{:,.1f}"),
         ("outbox indexes, MB", "outbox_index_mb", "{:,.1f}"),
