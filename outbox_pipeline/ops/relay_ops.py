@@ -88,10 +88,10 @@ def connect_event_log(clickhouse: ClickHouseResource, relay: Relay, monitor: Rel
 
 
 def open_embedded_clickhouse(clickhouse: ClickHouseResource) -> None:
-    """Start chDB before the first claim, on the step's own thread.
+    """Start chDB on the step's own thread, before the first batch is read.
 
-    Loading the engine holds the GIL for a few hundred milliseconds; on the inserter's thread
-    it stalled the reader and Dagster's bookkeeping for longer than it saved. A busy directory
+    Loading the engine holds the GIL for about 0.3 s. On the inserter's thread, beside the
+    reader and Dagster's bookkeeping, it took up to 0.9 s and stalled both. A busy directory
     or a failure is left to the first insert, which waits for it or reports it.
     """
     try:
@@ -121,10 +121,7 @@ def extract_outbox_batches(
     relay = build_relay(context, outbox, monitor, batch_size)
     deadline = time.time() + (config.max_seconds or outbox.max_seconds_per_run)
     per_step = config.batches_per_step or outbox.batches_per_step
-    if clickhouse.is_embedded:
-        open_embedded_clickhouse(clickhouse)
     prefetcher = outbox.prefetcher(embedded_clickhouse=clickhouse.is_embedded)
-    prefetcher.start_inserting(lambda: clickhouse.store(busy_wait_seconds=0), deadline=deadline, batches_ahead=per_step)
     # Should the run fail before report_relay_run, the monitor reads the queue's end figures itself.
     monitor.read_queue_at_end(lambda: read_queue(outbox))
     counts = outbox.store().counts(include_processed=False)
@@ -142,6 +139,11 @@ def extract_outbox_batches(
         if handle is None:
             break
         claimed += 1
+        if claimed == 1:
+            # Only a run with work opens chDB, and before any read competes with it (see open_embedded_clickhouse).
+            if clickhouse.is_embedded:
+                open_embedded_clickhouse(clickhouse)
+            prefetcher.start_inserting(lambda: clickhouse.store(busy_wait_seconds=0), deadline=deadline, batches_ahead=per_step)
         # Reading and inserting the first batch start while the others are still being claimed, and each
         # next batch is inserted while Dagster records the steps of the previous one (see prefetch.py).
         prefetcher.plan([handle])
