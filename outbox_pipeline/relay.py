@@ -229,7 +229,11 @@ class Relay:
         on_batch: BatchCallback | None = None,
         on_loaded: LoadedCallback | None = None,
     ) -> RunTotals:
-        """Claim, load and mark until there is no work, or a limit is reached."""
+        """Claim, load and mark what is pending: until a claim finds no work or comes back short, or a limit is reached.
+
+        A short batch is the tail of what was pending (``BatchHandle.ends_backlog``): events
+        committed while it was loaded are the next drain's.
+        """
         totals = RunTotals()
         started = time.perf_counter()
         while max_batches is None or totals.batches < max_batches:
@@ -250,6 +254,8 @@ class Relay:
                 totals.add(result)
                 if on_batch is not None:
                     on_batch(result)
+            if handle.ends_backlog(self.policy.batch_size):
+                break
         totals.retries = self.retries
         totals.seconds = time.perf_counter() - started
         return totals

@@ -150,7 +150,7 @@ def extract_outbox_batches(
         step.append(handle)
         # The backlog's tail: what producers commit from now on is the stream's, which follow_outbox
         # (or the next run) loads in a few batches, not in one Dagster step per trickle.
-        tail = handle.kind == "range" and handle.claim_count == 1 and handle.row_count < batch_size
+        tail = handle.ends_backlog(batch_size)
         if len(step) == per_step or tail:
             yield _step_output(step, deadline)
             step = []
