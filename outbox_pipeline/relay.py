@@ -33,6 +33,7 @@ from outbox_pipeline.memory import return_large_buffers_to_the_system
 from outbox_pipeline.prefetch import BatchPrefetcher, InsertedAhead, ReadAhead
 from outbox_pipeline.retrying import BackoffPolicy, RetryCallback, RetryNotice, call_postgres_with_retries, call_with_retries
 from outbox_pipeline.settings import RelaySettings
+from outbox_pipeline.stores.batches import ends_backlog
 from outbox_pipeline.stores.clickhouse_connection import ErrorKind, classify_clickhouse_error
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import BatchHandle, OutboxStore, RejectedEvent
@@ -231,7 +232,7 @@ class Relay:
     ) -> RunTotals:
         """Claim, load and mark what is pending: until a claim finds no work or comes back short, or a limit is reached.
 
-        A short batch is the tail of what was pending (``BatchHandle.ends_backlog``): events
+        A short batch is the tail of what was pending (``ends_backlog``): events
         committed while it was loaded are the next drain's.
         """
         totals = RunTotals()
@@ -254,7 +255,7 @@ class Relay:
                 totals.add(result)
                 if on_batch is not None:
                     on_batch(result)
-            if handle.ends_backlog(self.policy.batch_size):
+            if ends_backlog(handle, self.policy.batch_size):
                 break
         totals.retries = self.retries
         totals.seconds = time.perf_counter() - started

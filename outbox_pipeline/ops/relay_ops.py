@@ -22,6 +22,7 @@ from outbox_pipeline.resources import ClickHouseResource, OutboxDatabaseResource
 from outbox_pipeline.retrying import call_with_retries, is_transient
 from outbox_pipeline.run_config import RelayRunConfig
 from outbox_pipeline.run_limits import shared_ops_pool
+from outbox_pipeline.stores.batches import ends_backlog
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import BatchHandle, OutboxCounts
 
@@ -150,7 +151,7 @@ def extract_outbox_batches(
         step.append(handle)
         # The backlog's tail: what producers commit from now on is the stream's, which follow_outbox
         # (or the next run) loads in a few batches, not in one Dagster step per trickle.
-        tail = handle.ends_backlog(batch_size)
+        tail = ends_backlog(handle, batch_size)
         if len(step) == per_step or tail:
             yield _step_output(step, deadline)
             step = []

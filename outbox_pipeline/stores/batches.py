@@ -75,13 +75,14 @@ class BatchHandle:
         relay = "" if self.relay == DEFAULT_RELAY_NAME else f"{self.relay}-"
         return f"outbox-{self.installation_id}-{relay}{self.kind}-{self.batch_id}-{start}-{stop}"
 
-    def ends_backlog(self, batch_size: int) -> bool:
-        """A first claim of new events that came back short: the tail of what was pending.
 
-        Events committed from then on are a stream's, for the next look; claiming on would
-        follow a steady stream one tiny batch at a time, a core busy for a few events each.
-        """
-        return self.kind == "range" and self.claim_count == 1 and self.row_count < batch_size
+def ends_backlog(handle: BatchHandle, batch_size: int) -> bool:
+    """A first claim of new events that came back short: the tail of what was pending.
+
+    Events committed from then on are a stream's, for the next look; claiming on would
+    follow a steady stream one tiny batch at a time, a core busy for a few events each.
+    """
+    return handle.kind == "range" and handle.claim_count == 1 and handle.row_count < batch_size
 
 
 @dataclasses.dataclass(frozen=True)
