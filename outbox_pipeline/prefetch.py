@@ -223,7 +223,6 @@ class BatchPrefetcher:
     def __init__(self, outbox_url: str, *, embedded_clickhouse: bool = False):
         """``embedded_clickhouse``: chDB, which writes each insert to a file first (so more is read ahead)."""
         self._url = outbox_url
-        self._embedded_clickhouse = embedded_clickhouse
         self._max_pieces = FILE_INSERT_PIECES if embedded_clickhouse else STREAMED_INSERT_PIECES
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-prefetch")
         self._local = threading.local()
