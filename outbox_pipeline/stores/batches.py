@@ -314,10 +314,13 @@ def stream_csv(conn: psycopg.Connection, query: str, params, chunk_bytes: int | 
     chunk_bytes = chunk_bytes or STREAM_CHUNK_BYTES
     with conn.cursor() as cur, cur.copy(f"COPY ({query}) {COPY_CSV}", params) as copy:
         # Joined once per piece: a buffer grown chunk by chunk would leave the heap fragmented.
-        chunks: list = []
+        # Each row is held as bytes, not as the memoryview libpq's copy comes in: a memoryview is
+        # tracked by the garbage collector, and thousands held per piece set off collections of
+        # the whole heap. In a run worker (Dagster's objects) that tripled the reader's CPU.
+        chunks: list[bytes] = []
         size = 0
         for chunk in _copy_rows(conn.pgconn, copy):
-            chunks.append(chunk)
+            chunks.append(bytes(chunk))
             size += len(chunk)
             if size >= chunk_bytes:
                 yield b"".join(chunks)
