@@ -28,6 +28,7 @@ run's state directory in its environment, and the embedded PostgreSQL by its pid
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -76,6 +77,7 @@ class SteadyResult:
     stream_cores: float = 0.0
     producer_backend_cores: float = 0.0
     runs_per_hour: float = 0.0
+    runs_by_job: dict[str, int] = dataclasses.field(default_factory=dict)  # the runs started in the window
     materializations_per_hour: float = 0.0
     storage_mb_per_hour: float = 0.0
     latency: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -278,6 +280,7 @@ def measure_steady(mode: str, rate: float, *, warmup: float, measure: float, idl
         try:
             runs = instance.get_run_records(dg.RunsFilter(created_after=window_start, created_before=window_end))
             result.runs_per_hour = len(runs) * 3600 / elapsed
+            result.runs_by_job = dict(collections.Counter(record.dagster_run.job_name for record in runs))
             materializations = instance.fetch_materializations(
                 dg.AssetRecordsFilter(asset_key=dg.AssetKey("event_log"), after_timestamp=window_start.timestamp(),
                                       before_timestamp=window_end.timestamp()),
@@ -328,6 +331,12 @@ def print_steady(results: list[SteadyResult]) -> None:
     print(f"{'':<{width}}  " + "  ".join(f"{h:>{cell}}" for h in header))
     for label, value in lines:
         print(f"{label:<{width}}  " + "  ".join(f"{value(r):>{cell}}" for r in results))
+    for header_cell, r in zip(header, results):
+        print(f"runs started in the measured window, {header_cell}: {_by_job(r.runs_by_job)}")
+
+
+def _by_job(runs_by_job: dict[str, int]) -> str:
+    return ", ".join(f"{job} {count}" for job, count in sorted(runs_by_job.items())) or "none"
 
 
 def run_steady(rates: list[float], *, warmup: float, measure: float, idle: float, baseline: bool) -> list[SteadyResult]:
