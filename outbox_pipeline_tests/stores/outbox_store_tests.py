@@ -132,7 +132,7 @@ def test_both_copy_readers_give_the_bytes_psycopg_reads(relay_env, outbox, rows)
 
 
 def test_a_stream_holds_its_rows_where_the_garbage_collector_does_not_look(relay_env, outbox):
-    # Rows held as memoryviews (what libpq's copy gives) are tracked objects: about 120 collections of
+    # Rows held as memoryviews (what libpq's copy gives) are tracked objects: about 130 collections of
     # the young generation for these 50,000 rows, each promoting survivors toward a collection of the
     # whole heap, which in a run worker cost more CPU than the read itself. Held as bytes: none.
     gc.collect()
