@@ -1,17 +1,33 @@
 """Transactional-outbox relay from PostgreSQL into ClickHouse, orchestrated by Dagster and monitored by Sentry.
 
-``outbox_pipeline.OutboxRelay`` is the Dagster component. It is imported on first
-use only, so that applications importing the producer API do not load Dagster.
+The public names live here:
+
+    from outbox_pipeline import publish, publish_many, OutboxEvent, RawEvent, OutboxRelay
+
+They are imported on first use, so that an application publishing events does not load
+Dagster, and ``outbox_pipeline.OutboxRelay`` (the Dagster component) only loads it when asked.
+
+Layers, each importing only those listed before it:
+``config`` → ``stores`` → ``producer`` → ``relay`` → ``monitoring`` → ``orchestration``
+→ ``definitions``, ``cli`` and ``bench``.
 """
 
-__all__ = ["OutboxRelay"]
+from importlib import import_module
+
+_PUBLIC = {
+    "publish": "outbox_pipeline.producer.publish",
+    "publish_many": "outbox_pipeline.producer.publish",
+    "OutboxEvent": "outbox_pipeline.producer.events",
+    "RawEvent": "outbox_pipeline.producer.events",
+    "OutboxRelay": "outbox_pipeline.orchestration.component",
+}
+
+__all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name: str):
-    if name == "OutboxRelay":
-        from outbox_pipeline.component import OutboxRelay
-
-        return OutboxRelay
+    if name in _PUBLIC:
+        return getattr(import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'outbox_pipeline' has no attribute {name!r}")
 
 

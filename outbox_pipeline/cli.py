@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import psycopg
 
-from outbox_pipeline.errors import OutboxPipelineError, one_line
-from outbox_pipeline.settings import RelaySettings
+from outbox_pipeline.config.errors import OutboxPipelineError, one_line
+from outbox_pipeline.config.settings import RelaySettings
 from outbox_pipeline.stores.clickhouse_connection import translate_clickhouse_error
 from outbox_pipeline.stores.embedded_postgres import (
     embedded_postgres_url,
@@ -83,8 +83,8 @@ def cmd_init(stores: _Stores, args: argparse.Namespace) -> int:
 
 
 def cmd_demo(stores: _Stores, args: argparse.Namespace) -> int:
-    from outbox_pipeline.demo_events import sample_events
     from outbox_pipeline.producer import publish_many
+    from outbox_pipeline.producer.demo_events import sample_events
 
     stores.outbox().check_schema()
     events = sample_events(args.count)
@@ -142,7 +142,7 @@ def cmd_relay(stores: _Stores, args: argparse.Namespace) -> int:
     import socket
 
     from outbox_pipeline.monitoring.relay_report import command_run_report
-    from outbox_pipeline.relay import Relay, RelayPolicy
+    from outbox_pipeline.relay.delivery import Relay, RelayPolicy
 
     policy = RelayPolicy.from_settings(stores.settings, **({"batch_size": args.batch_size} if args.batch_size else {}))
     claimed_by = f"cli:{socket.gethostname()}:{os.getpid()}"

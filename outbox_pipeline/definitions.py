@@ -8,11 +8,11 @@ from pathlib import Path
 
 import dagster as dg
 
-from outbox_pipeline.monitoring.run_failure_sensor import build_run_failure_sensor
+from outbox_pipeline.config.settings import RelaySettings, code_location_settings, load_settings
 from outbox_pipeline.monitoring.sentry_setup import init_sentry
-from outbox_pipeline.relay_defs import build_relay_defs
-from outbox_pipeline.relay_instance import RelayInstance
-from outbox_pipeline.settings import RelaySettings, code_location_settings, load_settings
+from outbox_pipeline.orchestration.relay_defs import build_relay_defs
+from outbox_pipeline.orchestration.relay_instance import RelayInstance
+from outbox_pipeline.orchestration.run_failure_sensor import build_run_failure_sensor
 
 PROJECT_DEFS = Path(__file__).parent / "defs"
 
@@ -32,7 +32,7 @@ def build_defs(settings: RelaySettings, *, with_defs_folder: bool = True) -> dg.
 
 def build_resources(settings: RelaySettings | None = None) -> dict:
     """The default relay's run resources for ``settings`` (default: read the environment now)."""
-    from outbox_pipeline.relay_defs import build_resources as build_relay_resources
+    from outbox_pipeline.orchestration.relay_defs import build_resources as build_relay_resources
 
     return build_relay_resources(RelayInstance.from_settings(settings or load_settings()))
 

@@ -15,7 +15,7 @@ import psutil
 import psycopg
 import pytest
 
-from outbox_pipeline.relay import Relay, RelayPolicy
+from outbox_pipeline.relay.delivery import Relay, RelayPolicy
 from outbox_pipeline.stores.outbox_store import OutboxStore
 from outbox_pipeline_tests.conftest import event_log_store
 from outbox_pipeline_tests.support.clickhouse_http_server import clear_faults, running_clickhouse_http_server, set_faults

@@ -19,10 +19,10 @@ import dagster as dg
 import pytest
 import yaml
 
-from outbox_pipeline.component import OutboxRelay
+from outbox_pipeline.config.errors import ConfigurationError
+from outbox_pipeline.config.settings import code_location_settings, load_settings
 from outbox_pipeline.definitions import build_defs
-from outbox_pipeline.errors import ConfigurationError
-from outbox_pipeline.settings import code_location_settings, load_settings
+from outbox_pipeline.orchestration.component import OutboxRelay
 from outbox_pipeline_tests.conftest import event_log_store, new_database
 from outbox_pipeline_tests.support.relay_runs import publish_raw
 from outbox_pipeline_tests.support.relay_worker import run_worker

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from outbox_pipeline.relay import Relay, RelayPolicy
+from outbox_pipeline.relay.delivery import Relay, RelayPolicy
 from outbox_pipeline_tests.conftest import event_log_store
 from outbox_pipeline_tests.support.relay_runs import publish_raw, run_relay
 

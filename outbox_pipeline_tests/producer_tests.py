@@ -5,9 +5,9 @@ import uuid
 import psycopg
 import pytest
 
-from outbox_pipeline.errors import EventRejectedError
-from outbox_pipeline.events import OutboxEvent, RawEvent, snake_case
+from outbox_pipeline.config.errors import EventRejectedError
 from outbox_pipeline.producer import publish, publish_many
+from outbox_pipeline.producer.events import OutboxEvent, RawEvent, snake_case
 
 
 class UserCreated(OutboxEvent):

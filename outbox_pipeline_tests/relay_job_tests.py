@@ -3,8 +3,8 @@ import datetime as dt
 import dagster as dg
 import psycopg
 
-from outbox_pipeline.events import RawEvent
 from outbox_pipeline.producer import publish_many
+from outbox_pipeline.producer.events import RawEvent
 from outbox_pipeline_tests.conftest import event_log_store
 from outbox_pipeline_tests.support.relay_runs import publish_raw, run_relay
 

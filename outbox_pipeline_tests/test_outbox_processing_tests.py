@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from outbox_pipeline.monitoring.run_monitor import TRACE_ID_TAG, TRANSACTION_STATUS_TAG
-from outbox_pipeline.resources import ClickHouseResource
+from outbox_pipeline.orchestration.resources import ClickHouseResource
 from outbox_pipeline_tests.conftest import event_log_store
 from outbox_pipeline_tests.monitoring.envelopes import (
     ENVIRONMENT,

@@ -21,7 +21,7 @@ from typing import Any
 import dagster as dg
 import sentry_sdk.crons
 
-from outbox_pipeline.settings import RelaySettings
+from outbox_pipeline.config.settings import RelaySettings
 
 
 class CronMonitor(dg.Config):

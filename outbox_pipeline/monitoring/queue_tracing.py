@@ -24,8 +24,8 @@ import time
 import sentry_sdk
 from sentry_sdk.tracing_utils import has_tracing_enabled
 
-from outbox_pipeline.publish_tracing import MESSAGING_SYSTEM
-from outbox_pipeline.relay import LoadResult
+from outbox_pipeline.producer.tracing import MESSAGING_SYSTEM
+from outbox_pipeline.relay.delivery import LoadResult
 from outbox_pipeline.stores.outbox_store import BatchHandle, OutboxStore, TracedEvent
 
 SAMPLE_SIZE = 10

@@ -21,13 +21,13 @@ from typing import Any
 import sentry_sdk
 import sentry_sdk.metrics
 
-from outbox_pipeline import errors
+from outbox_pipeline.config import errors
+from outbox_pipeline.config.settings import RelaySettings
 from outbox_pipeline.monitoring.crons import CronMonitor
 from outbox_pipeline.monitoring.queue_tracing import continue_batch_traces
 from outbox_pipeline.monitoring.sentry_setup import flush_sentry, init_sentry
-from outbox_pipeline.relay import LoadResult
-from outbox_pipeline.retrying import RetryNotice
-from outbox_pipeline.settings import RelaySettings
+from outbox_pipeline.relay.delivery import LoadResult
+from outbox_pipeline.relay.retrying import RetryNotice
 from outbox_pipeline.stores.outbox_store import BatchHandle, OutboxCounts, OutboxStore
 
 RELAY_JOB = "process_outbox_events"

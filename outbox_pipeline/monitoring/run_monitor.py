@@ -33,12 +33,12 @@ import dagster as dg
 import sentry_sdk
 from pydantic import Field, PrivateAttr
 
+from outbox_pipeline.config.settings import RelaySettings
 from outbox_pipeline.monitoring.crons import CronMonitor
 from outbox_pipeline.monitoring.relay_report import RELAY_JOB, RUNNER_TAG, RelayRunReport, one_line
 from outbox_pipeline.monitoring.sentry_setup import SentrySettings, flush_sentry, init_sentry
-from outbox_pipeline.relay import LoadResult
-from outbox_pipeline.retrying import RetryNotice
-from outbox_pipeline.settings import RelaySettings
+from outbox_pipeline.relay.delivery import LoadResult
+from outbox_pipeline.relay.retrying import RetryNotice
 from outbox_pipeline.stores.outbox_store import BatchHandle, OutboxCounts, OutboxStore
 
 # Run tags written by the monitor (visible in the Dagster UI, read by the run-failure sensor).

@@ -96,7 +96,7 @@ class SentrySettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> SentrySettings:
         """The Sentry part of the project's settings (one parser for every variable)."""
-        from outbox_pipeline.settings import load_settings
+        from outbox_pipeline.config.settings import load_settings
 
         return load_settings(environ).sentry
 

@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 import psycopg
 from psycopg import pq
 
-from outbox_pipeline.event_columns import EVENT_COLUMNS
+from outbox_pipeline.stores.event_columns import EVENT_COLUMNS
 from outbox_pipeline.stores.relay_identity import DEFAULT_RELAY_NAME
 
 SELECT_EVENT_COLUMNS = ", ".join(f"o.{column}" for column in EVENT_COLUMNS)

@@ -17,7 +17,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from outbox_pipeline.errors import ConfigurationError, StoreBusyError, StoreUnavailableError, one_line
+from outbox_pipeline.config.errors import ConfigurationError, StoreBusyError, StoreUnavailableError, one_line
 
 _URL_HELP = "expected http(s)://user:password@host:8123/database or chdb:///absolute/path"
 

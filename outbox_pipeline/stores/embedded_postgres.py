@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from outbox_pipeline.errors import StoreUnavailableError
+from outbox_pipeline.config.errors import StoreUnavailableError
 
 _STOP_TIMEOUT_SECONDS = 60.0
 # get_server is not thread-safe (sensors tick in threads): a second thread may get a handle

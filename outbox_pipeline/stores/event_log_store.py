@@ -21,9 +21,9 @@ import re
 import uuid
 from collections.abc import Iterable
 
-from outbox_pipeline.errors import ConfigurationError
-from outbox_pipeline.event_columns import DEFAULT_TABLE, EVENT_COLUMNS
+from outbox_pipeline.config.errors import ConfigurationError
 from outbox_pipeline.stores.clickhouse_connection import close_clickhouse_client, open_clickhouse_client
+from outbox_pipeline.stores.event_columns import DEFAULT_TABLE, EVENT_COLUMNS
 
 DEDUPLICATION_WINDOW = 10_000
 _IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"

@@ -25,7 +25,7 @@ from importlib import resources
 
 import psycopg
 
-from outbox_pipeline.errors import SchemaMissingError, SchemaOutdatedError, StoreUnavailableError
+from outbox_pipeline.config.errors import SchemaMissingError, SchemaOutdatedError, StoreUnavailableError
 
 # The key `init` has always locked, so an older release's `init` and this one take turns too.
 ADVISORY_LOCK_KEY = 7245100101

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import psycopg
 
-from outbox_pipeline.errors import ConfigurationError, SchemaMissingError, StoreUnavailableError, one_line
-from outbox_pipeline.settings import RelaySettings
+from outbox_pipeline.config.errors import ConfigurationError, SchemaMissingError, StoreUnavailableError, one_line
+from outbox_pipeline.config.settings import RelaySettings
 
 # Re-exported: the embedded server's URL is one of the ways to the outbox database.
 from outbox_pipeline.stores.embedded_postgres import embedded_postgres_url, running_embedded_postgres_url

@@ -1,6 +1,6 @@
 """The statements producers run: one INSERT per event, or COPY for many (see producer.py)."""
 
-from outbox_pipeline.event_columns import EVENT_COLUMNS
+from outbox_pipeline.stores.event_columns import EVENT_COLUMNS
 
 # Written only by a publish inside a traced Sentry transaction (schema version 3).
 TRACE_COLUMNS = ("sentry_trace", "sentry_baggage")

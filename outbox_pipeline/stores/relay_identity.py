@@ -14,7 +14,7 @@ import dataclasses
 import re
 from collections.abc import Sequence
 
-from outbox_pipeline.errors import ConfigurationError
+from outbox_pipeline.config.errors import ConfigurationError
 
 DEFAULT_RELAY_NAME = "default"
 # Relay names appear in Dagster job names and deduplication tokens: keep them plain.

@@ -17,8 +17,8 @@ import time
 import psycopg
 import pytest
 
-from outbox_pipeline.relay import Relay, RelayPolicy
-from outbox_pipeline.retrying import BackoffPolicy
+from outbox_pipeline.relay.delivery import Relay, RelayPolicy
+from outbox_pipeline.relay.retrying import BackoffPolicy
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import OutboxStore
 from outbox_pipeline_tests.conftest import relay_environment

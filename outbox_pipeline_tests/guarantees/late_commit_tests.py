@@ -9,8 +9,8 @@ when its outbox ids are lower.
 
 import psycopg
 
-from outbox_pipeline.events import RawEvent
 from outbox_pipeline.producer import publish
+from outbox_pipeline.producer.events import RawEvent
 from outbox_pipeline_tests.conftest import event_log_store
 from outbox_pipeline_tests.support.relay_runs import run_relay
 

@@ -7,8 +7,8 @@ constraint on event_log. Nothing in the relay knows about it.
 import psycopg
 
 from outbox_pipeline.definitions import build_resources
-from outbox_pipeline.events import RawEvent
 from outbox_pipeline.producer import publish_many
+from outbox_pipeline.producer.events import RawEvent
 from outbox_pipeline_tests.conftest import event_log_store
 from outbox_pipeline_tests.support.default_relay import requeue_failed_events
 from outbox_pipeline_tests.support.relay_runs import publish_raw, run_relay

@@ -196,8 +196,8 @@ def test_postgres_backend_terminated_mid_run_reconnects_and_the_run_succeeds(rel
 
 def test_postgres_backend_terminated_while_a_batch_streams_into_clickhouse_reconnects(relay_env, outbox, monkeypatch):
     """Without read-ahead (a following run, the command line) the batch streams on the run's own connection."""
-    from outbox_pipeline.relay import Relay, RelayPolicy
-    from outbox_pipeline.retrying import BackoffPolicy
+    from outbox_pipeline.relay.delivery import Relay, RelayPolicy
+    from outbox_pipeline.relay.retrying import BackoffPolicy
 
     publish_raw(relay_env["OUTBOX_DATABASE_URL"], EVENTS)
     original = OutboxStore.stream_block_csv

@@ -2,8 +2,8 @@
 
 import pytest
 
+from outbox_pipeline.config.settings import load_settings
 from outbox_pipeline.monitoring.crons import CronMonitor
-from outbox_pipeline.settings import load_settings
 
 
 def cron_monitor_config(environ):

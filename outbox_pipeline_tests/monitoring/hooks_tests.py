@@ -2,9 +2,9 @@
 
 import dagster as dg
 
-from outbox_pipeline.monitoring.hooks import sentry_on_failure
+from outbox_pipeline.config.settings import load_settings
 from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor
-from outbox_pipeline.settings import load_settings
+from outbox_pipeline.orchestration.hooks import sentry_on_failure
 from outbox_pipeline_tests.monitoring.envelopes import errors, transactions
 
 

@@ -9,10 +9,10 @@ import json
 import dagster as dg
 import pytest
 
-from outbox_pipeline.errors import ConfigurationError
-from outbox_pipeline.monitoring.lag_sensor import LagState, LagThresholds, evaluate_lag
-from outbox_pipeline.resources import OutboxDatabaseResource
-from outbox_pipeline.settings import load_settings
+from outbox_pipeline.config.errors import ConfigurationError
+from outbox_pipeline.config.settings import load_settings
+from outbox_pipeline.orchestration.lag_sensor import LagState, LagThresholds, evaluate_lag
+from outbox_pipeline.orchestration.resources import OutboxDatabaseResource
 from outbox_pipeline.stores.outbox_store import OutboxCounts
 from outbox_pipeline_tests.monitoring.envelopes import ENVIRONMENT, check_ins, errors, metrics_named
 from outbox_pipeline_tests.support.default_relay import lag_sensor_from_env

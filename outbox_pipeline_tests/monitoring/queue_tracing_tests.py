@@ -21,14 +21,14 @@ import psycopg
 import pytest
 import sentry_sdk
 
-from outbox_pipeline.events import RawEvent
 from outbox_pipeline.monitoring import queue_tracing
 from outbox_pipeline.monitoring.queue_tracing import EXAMINED_ROWS, SAMPLE_SIZE
 from outbox_pipeline.monitoring.relay_report import RelayRunReport
 from outbox_pipeline.monitoring.sentry_setup import SentrySettings, flush_sentry, init_sentry
 from outbox_pipeline.producer import publish, publish_many
-from outbox_pipeline.relay import Relay, RelayPolicy
-from outbox_pipeline.retrying import BackoffPolicy
+from outbox_pipeline.producer.events import RawEvent
+from outbox_pipeline.relay.delivery import Relay, RelayPolicy
+from outbox_pipeline.relay.retrying import BackoffPolicy
 from outbox_pipeline.stores.embedded_postgres import embedded_postgres_url, stop_embedded_postgres
 from outbox_pipeline.stores.outbox_store import OutboxStore
 from outbox_pipeline_tests.conftest import event_log_store, prepare_relay

@@ -16,8 +16,8 @@ import time
 import dagster as dg
 import pytest
 
-from outbox_pipeline.monitoring.run_failure_sensor import SENSOR_NAME, failure_kind
 from outbox_pipeline.monitoring.run_monitor import CHECK_IN_TAG, TRACE_ID_TAG, TRANSACTION_STATUS_TAG
+from outbox_pipeline.orchestration.run_failure_sensor import SENSOR_NAME, failure_kind
 from outbox_pipeline_tests.conftest import event_log_store
 from outbox_pipeline_tests.monitoring.envelopes import check_ins, errors, trace, transactions
 from outbox_pipeline_tests.support.default_relay import process_outbox_events, requeue_failed_events, run_failure_sensor_from_env

@@ -34,9 +34,9 @@ YESTERDAY_EVENTS = 400
 
 PUBLISH_YESTERDAY = """
 import datetime as dt, sys
-from outbox_pipeline.events import RawEvent
+from outbox_pipeline.producer.events import RawEvent
 from outbox_pipeline.producer import publish_many
-from outbox_pipeline.settings import RelaySettings
+from outbox_pipeline.config.settings import RelaySettings
 from outbox_pipeline.stores.postgres_connection import connect_postgres, resolve_outbox_database_url
 
 day = dt.date.fromisoformat(sys.argv[1])
@@ -49,7 +49,7 @@ with connect_postgres(resolve_outbox_database_url(RelaySettings.from_env()), aut
 """
 
 TRUNCATE_CLICKHOUSE = """
-from outbox_pipeline.settings import RelaySettings
+from outbox_pipeline.config.settings import RelaySettings
 from outbox_pipeline.stores.event_log_store import EventLogStore
 
 store = EventLogStore.connect(RelaySettings.from_env().clickhouse_url, busy_wait_seconds=60)
@@ -380,7 +380,7 @@ def test_dagster_dev_sensor_relays_events_and_a_backfill_replays_two_days(dagste
     for run in relay_runs:
         tags = {tag["key"]: tag["value"] for tag in run["tags"]}
         assert tags.get("dagster/sensor_name") == "outbox_pending_sensor"
-        assert tags.get("outbox_pipeline/relay") == "true"
+        assert tags.get("outbox_pipeline/relay/delivery") == "true"
 
     # No run is active now and nothing is pending, so the sensor launches nothing: chDB is free to open.
     status = json.loads(stack.outbox_pipeline("status", "--json").stdout)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from outbox_pipeline.ops.replay_ops import (
+from outbox_pipeline.orchestration.ops.replay_ops import (
     ReplayOutsideRetentionError,
     check_within_retention,
     replay_day,

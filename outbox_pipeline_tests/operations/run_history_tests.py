@@ -11,11 +11,11 @@ from pathlib import Path
 
 import dagster as dg
 
+from outbox_pipeline.config.settings import load_settings
 from outbox_pipeline.definitions import build_resources, defs
-from outbox_pipeline.jobs import pruned_job_names
-from outbox_pipeline.relay_instance import RelayInstance
-from outbox_pipeline.run_history import RetentionPolicy, prune
-from outbox_pipeline.settings import load_settings
+from outbox_pipeline.orchestration.jobs import pruned_job_names
+from outbox_pipeline.orchestration.relay_instance import RelayInstance
+from outbox_pipeline.orchestration.run_history import RetentionPolicy, prune
 from outbox_pipeline_tests.support.default_relay import process_outbox_events
 from outbox_pipeline_tests.support.relay_runs import publish_raw, run_relay
 

@@ -8,8 +8,8 @@ import dagster as dg
 import psycopg
 
 from outbox_pipeline.definitions import build_resources
-from outbox_pipeline.events import RawEvent
 from outbox_pipeline.producer import publish_many
+from outbox_pipeline.producer.events import RawEvent
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline_tests.support.default_relay import cleanup_outbox, replay_outbox_events
 

@@ -6,8 +6,8 @@ import datetime as dt
 
 import pytest
 
-from outbox_pipeline.errors import ConfigurationError
-from outbox_pipeline.event_columns import EVENT_COLUMNS
+from outbox_pipeline.config.errors import ConfigurationError
+from outbox_pipeline.stores.event_columns import EVENT_COLUMNS
 from outbox_pipeline.stores.event_log_store import DEFAULT_TABLE, EventLogStore
 
 CSV_ROW = b'"5f0e8c1e-6a43-4c59-9a55-8f8d3c1b2a10","order_paid","2026-11-29 10:00:00.123456+00","test","{}","1"\n'

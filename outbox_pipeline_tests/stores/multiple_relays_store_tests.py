@@ -8,8 +8,8 @@ import time
 import psycopg
 import pytest
 
-from outbox_pipeline.events import RawEvent
 from outbox_pipeline.producer import publish_many
+from outbox_pipeline.producer.events import RawEvent
 from outbox_pipeline.stores import reporting
 from outbox_pipeline.stores.outbox_store import OutboxStore, RejectedEvent
 from outbox_pipeline.stores.relay_identity import RelayIdentity

@@ -77,8 +77,8 @@ def test_a_claim_skips_nothing_committed_out_of_id_order(relay_env, outbox):
 
 
 def publish_raw_on(conn, event_type: str) -> None:
-    from outbox_pipeline.events import RawEvent
     from outbox_pipeline.producer import publish
+    from outbox_pipeline.producer.events import RawEvent
 
     publish(conn, RawEvent(event_type=event_type, context="{}"))
 

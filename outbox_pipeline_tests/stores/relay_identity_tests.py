@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from outbox_pipeline.errors import ConfigurationError
+from outbox_pipeline.config.errors import ConfigurationError
 from outbox_pipeline.stores.relay_identity import DEFAULT_RELAY, RelayIdentity, glob_to_like
 
 

@@ -18,12 +18,12 @@ import psycopg
 import pytest
 import sentry_sdk
 
-from outbox_pipeline import producer
-from outbox_pipeline.errors import SchemaMissingError, SchemaOutdatedError, StoreUnavailableError
-from outbox_pipeline.events import RawEvent
+from outbox_pipeline.config.errors import SchemaMissingError, SchemaOutdatedError, StoreUnavailableError
+from outbox_pipeline.producer import publish as producer
 from outbox_pipeline.producer import publish_many
-from outbox_pipeline.relay import Relay, RelayPolicy
-from outbox_pipeline.retrying import BackoffPolicy
+from outbox_pipeline.producer.events import RawEvent
+from outbox_pipeline.relay.delivery import Relay, RelayPolicy
+from outbox_pipeline.relay.retrying import BackoffPolicy
 from outbox_pipeline.stores import migrations
 from outbox_pipeline.stores.outbox_store import OutboxStore
 from outbox_pipeline_tests.conftest import event_log_store

@@ -1,7 +1,7 @@
 """The default relay's definitions as the code location builds them, by name."""
 
 from outbox_pipeline.definitions import defs
-from outbox_pipeline.jobs import RELAY_TAG
+from outbox_pipeline.orchestration.jobs import RELAY_TAG
 
 process_outbox_events = defs.resolve_job_def("process_outbox_events")
 relay_low_latency = defs.resolve_job_def("relay_low_latency")
@@ -31,28 +31,28 @@ __all__ = [
 
 def lag_sensor_from_env():
     """The default relay's lag sensor built from the environment as it is now (tests set variables first)."""
-    from outbox_pipeline.monitoring.lag_sensor import build_lag_sensor
-    from outbox_pipeline.relay_instance import RelayInstance
-    from outbox_pipeline.settings import load_settings
+    from outbox_pipeline.config.settings import load_settings
+    from outbox_pipeline.orchestration.lag_sensor import build_lag_sensor
+    from outbox_pipeline.orchestration.relay_instance import RelayInstance
 
     return build_lag_sensor(RelayInstance.from_settings(load_settings()))
 
 
 def run_failure_sensor_from_env():
     """The code location's run-failure sensor built from the environment as it is now."""
-    from outbox_pipeline.monitoring.run_failure_sensor import build_run_failure_sensor
-    from outbox_pipeline.settings import load_settings
+    from outbox_pipeline.config.settings import load_settings
+    from outbox_pipeline.orchestration.run_failure_sensor import build_run_failure_sensor
 
     return build_run_failure_sensor(load_settings())
 
 
 def pending_sensor_from_env():
     """The default relay's pending-work sensor built from the environment as it is now."""
-    from outbox_pipeline.jobs import build_jobs
-    from outbox_pipeline.relay_defs import build_resources
-    from outbox_pipeline.relay_instance import RelayInstance
-    from outbox_pipeline.sensors import build_pending_sensor
-    from outbox_pipeline.settings import load_settings
+    from outbox_pipeline.config.settings import load_settings
+    from outbox_pipeline.orchestration.jobs import build_jobs
+    from outbox_pipeline.orchestration.relay_defs import build_resources
+    from outbox_pipeline.orchestration.relay_instance import RelayInstance
+    from outbox_pipeline.orchestration.sensors import build_pending_sensor
 
     instance = RelayInstance.from_settings(load_settings())
     return build_pending_sensor(instance, build_jobs(instance, build_resources(instance)))

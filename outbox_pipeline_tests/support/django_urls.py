@@ -6,8 +6,8 @@ from django.db import connection, transaction
 from django.http import JsonResponse
 from django.urls import path
 
-from outbox_pipeline.events import OutboxEvent
 from outbox_pipeline.producer import publish
+from outbox_pipeline.producer.events import OutboxEvent
 
 
 class OrderPaid(OutboxEvent):

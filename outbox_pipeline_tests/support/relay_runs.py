@@ -6,8 +6,8 @@ import dagster as dg
 import psycopg
 
 from outbox_pipeline.definitions import build_resources
-from outbox_pipeline.events import RawEvent
 from outbox_pipeline.producer import publish_many
+from outbox_pipeline.producer.events import RawEvent
 from outbox_pipeline_tests.support.default_relay import process_outbox_events
 
 

@@ -108,7 +108,7 @@ def component_relay_job(defs_yaml: Path):
     import dagster as dg
     import yaml
 
-    from outbox_pipeline.component import OutboxRelay
+    from outbox_pipeline.orchestration.component import OutboxRelay
 
     component = OutboxRelay.resolve_from_yaml(yaml.safe_dump(yaml.safe_load(defs_yaml.read_text())["attributes"]))
     defs = dg.build_defs_for_component(component)
@@ -146,8 +146,8 @@ def run_job_once(
 
 class DrainRunner:
     def __init__(self, batch_size: int | None, max_batches: int | None, relay: str, event_types: str, table: str):
-        from outbox_pipeline.relay import Relay, RelayPolicy
-        from outbox_pipeline.settings import RelaySettings
+        from outbox_pipeline.config.settings import RelaySettings
+        from outbox_pipeline.relay.delivery import Relay, RelayPolicy
         from outbox_pipeline.stores.relay_identity import RelayIdentity
 
         settings = RelaySettings.from_env()

@@ -1,0 +1,269 @@
+"""Every setting of the project, read from the environment and validated in one place (12-factor).
+
+Each variable has a default that runs on a laptop with nothing installed: the
+outbox lives in an embedded PostgreSQL server and ClickHouse is chDB, both under
+``OUTBOX_STATE_DIR``. ``load_settings()`` reads the environment once per code
+location; what it returns is handed to the relay instances, their resources,
+ops and sensors, which never read ``os.environ`` themselves. An invalid value
+raises :class:`ConfigurationError` with one line naming the variable.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+import pydantic
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from outbox_pipeline.config.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from outbox_pipeline.monitoring.sentry_setup import SentrySettings
+
+
+def validate_cron(variable: str, value: str) -> str:
+    """A five-field cron expression as Dagster accepts it, or one line naming the variable."""
+    import dagster as dg
+
+    error = f"{variable}={value!r} is not a cron expression of five fields, such as '*/5 * * * *'"
+    if len(value.split()) != 5:
+        raise ConfigurationError(error)
+    try:
+        # Dagster's own validation, through its public API.
+        dg.ScheduleDefinition(name="cron_validation", cron_schedule=value, job_name="cron_validation")
+    except dg.DagsterInvalidDefinitionError:
+        raise ConfigurationError(error) from None
+    return value
+
+
+def _env(name: str, default: Any, description: str, **constraints: Any) -> Any:
+    return Field(default, validation_alias=name, description=description, **constraints)
+
+
+class ProducerSettings(BaseSettings):
+    """The variables the producer API reads in the application's own process, and only those."""
+
+    model_config = SettingsConfigDict(env_ignore_empty=True, extra="ignore", frozen=True, case_sensitive=True)
+
+    environment_setting: str | None = _env("OUTBOX_ENVIRONMENT", None, "Default environment of published events.")
+    sentry_environment: str = _env("SENTRY_CONFIG_ENVIRONMENT", "development", "Sentry environment of everything sent.")
+    max_event_bytes: int = _env("OUTBOX_MAX_EVENT_BYTES", 1_048_576, "The producer refuses larger payloads.", ge=1)
+
+    @property
+    def environment(self) -> str:
+        return self.environment_setting or self.sentry_environment
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
+        """The settings of ``environ`` (default: this process's environment), or one ConfigurationError line."""
+        try:
+            if environ is None:
+                return cls()
+            names = {str(field.validation_alias) for field in cls.model_fields.values()}
+            return cls.model_validate({k: v for k, v in environ.items() if k in names and v.strip()})
+        except pydantic.ValidationError as exc:
+            raise ConfigurationError(describe_validation_error(exc)) from None
+
+
+class RelaySettings(ProducerSettings):
+    """All variables, by their environment names; see ``.env.example`` and the README."""
+
+    # -- stores ---------------------------------------------------------------------------
+    outbox_database_url: str | None = Field(
+        None, validation_alias="OUTBOX_DATABASE_URL", repr=False,
+        description="postgresql:// URL of the outbox; unset: the embedded server under OUTBOX_STATE_DIR.",
+    )
+    clickhouse_url_setting: str | None = Field(
+        None, validation_alias="CLICKHOUSE_URL", repr=False,
+        description="http(s):// URL of a ClickHouse server or chdb:///absolute/path; unset: chDB under OUTBOX_STATE_DIR.",
+    )
+    state_dir: Path = _env("OUTBOX_STATE_DIR", Path(".outbox_state"), "Local state of the embedded defaults.")
+    clickhouse_busy_wait_seconds: float = _env(
+        "OUTBOX_CLICKHOUSE_BUSY_WAIT_SECONDS", 10.0, "How long a command waits for a busy chDB directory.", ge=0
+    )
+
+    # -- batches and runs -------------------------------------------------------------------
+    batch_size: int = _env("OUTBOX_BATCH_SIZE", 100_000, "Events per batch, one ClickHouse insert each.", ge=1, le=1_000_000)
+    max_batches_per_run: int = _env("OUTBOX_MAX_BATCHES_PER_RUN", 50, "A run claims at most this many batches.", ge=1)
+    batches_per_step: int = _env(
+        "OUTBOX_BATCHES_PER_STEP", 10, "Batches one load step and its mark step take: fewer Dagster steps per run.", ge=1
+    )
+    max_seconds_per_run: float = _env("OUTBOX_MAX_SECONDS_PER_RUN", 300.0, "A run loads no more batches after this.", ge=1)
+    lease_seconds: float = _env("OUTBOX_LEASE_SECONDS", 300.0, "A dead run's batch is taken again after this.", ge=0.1)
+    transient_retry_attempts: int = _env("OUTBOX_RETRY_ATTEMPTS", 5, "Calls in all for a transient error.", ge=1)
+    transient_retry_base_seconds: float = _env("OUTBOX_RETRY_BASE_SECONDS", 0.5, "Backoff base for transient errors.", ge=0)
+    max_event_attempts: int = _env("OUTBOX_MAX_EVENT_ATTEMPTS", 5, "Attempts for an event ClickHouse rejects.", ge=1)
+    event_retry_base_seconds: float = _env("OUTBOX_EVENT_RETRY_BASE_SECONDS", 30.0, "Backoff base for rejected events.", ge=0)
+
+    # -- automation ---------------------------------------------------------------------------
+    sensor_enabled: bool = _env("OUTBOX_SENSOR_ENABLED", True, "Whether the pending-work sensor runs by default.")
+    sensor_interval_seconds: int = _env("OUTBOX_SENSOR_INTERVAL_SECONDS", 5, "Seconds between pending-work checks.", ge=1)
+    schedule_enabled: bool = _env("OUTBOX_SCHEDULE_ENABLED", False, "Whether the fixed-cadence relay schedule runs.")
+    schedule_cron: str = _env("OUTBOX_SCHEDULE_CRON", "* * * * *", "Cron of the relay schedule.")
+    cleanup_cron: str = _env("OUTBOX_CLEANUP_CRON", "30 3 * * *", "Cron of the daily retention run (UTC).")
+    check_cron: str = _env("OUTBOX_CHECK_CRON", "*/15 * * * *", "Cron of the event_log checks (UTC).")
+    retention_days: int = _env("OUTBOX_RETENTION_DAYS", 30, "cleanup_outbox deletes processed events older than this.", ge=1)
+    replay_start_date: dt.date = _env("OUTBOX_REPLAY_START_DATE", dt.date(2026, 1, 1), "First partition of the replay job.")
+    low_latency: bool = _env("OUTBOX_LOW_LATENCY", False, "Sub-second delivery through one long LISTEN/NOTIFY run.")
+
+    # -- following a steady stream (one long run instead of a run every few seconds) -------------
+    follow_seconds: float = _env(
+        "OUTBOX_FOLLOW_SECONDS", 1200.0, "A relay run keeps relaying new events this long after its backlog; 0: it ends.", ge=0
+    )
+    follow_quiet_seconds: float = _env(
+        "OUTBOX_FOLLOW_QUIET_SECONDS", 60.0, "A following run ends once no event arrived for this long.", gt=0
+    )
+    follow_interval_seconds: float = _env(
+        "OUTBOX_FOLLOW_INTERVAL_SECONDS", 2.0, "A following run looks for new events (and loads them) this often.", gt=0
+    )
+    materialization_window_seconds: float = _env(
+        "OUTBOX_MATERIALIZATION_WINDOW_SECONDS", 300.0, "A following run records one event_log materialization per window.", gt=0
+    )
+
+    # -- retention of Dagster's own run history --------------------------------------------------
+    run_retention_hours: float = _env(
+        "OUTBOX_RUN_RETENTION_HOURS", 24.0, "prune_dagster_runs deletes successful runs older than this.", gt=0
+    )
+    failed_run_retention_days: float = _env(
+        "OUTBOX_FAILED_RUN_RETENTION_DAYS", 30.0, "prune_dagster_runs deletes failed and canceled runs older than this.", gt=0
+    )
+    prune_cron: str = _env("OUTBOX_PRUNE_CRON", "5 * * * *", "Cron of the run-history pruning and hourly rollups (UTC).")
+    prune_enabled: bool = _env("OUTBOX_PRUNE_ENABLED", True, "Whether the pruning schedule runs by default.")
+    freshness_max_lag_seconds: float = _env(
+        "OUTBOX_FRESHNESS_MAX_LAG_SECONDS", 300.0, "The freshness check fails past this lag.", gt=0
+    )
+
+    # -- lag alerts -----------------------------------------------------------------------------
+    lag_warning_seconds: float = _env("OUTBOX_LAG_WARNING_SECONDS", 300.0, "Lag that raises a warning.", gt=0)
+    lag_error_seconds: float = _env("OUTBOX_LAG_ERROR_SECONDS", 900.0, "Lag that raises an error.", gt=0)
+    queue_warning_size: int = _env("OUTBOX_QUEUE_WARNING_SIZE", 100_000, "Pending events that raise a warning.", gt=0)
+    queue_error_size: int = _env("OUTBOX_QUEUE_ERROR_SIZE", 1_000_000, "Pending events that raise an error.", gt=0)
+    lag_sensor_enabled: bool = _env("OUTBOX_LAG_SENSOR_ENABLED", True, "Whether the lag sensor runs by default.")
+    lag_sensor_interval_seconds: int = _env("OUTBOX_LAG_SENSOR_INTERVAL_SECONDS", 60, "Seconds between lag checks.", gt=0)
+
+    # -- Sentry -----------------------------------------------------------------------------------
+    sentry_dsn: str | None = Field(None, validation_alias="SENTRY_CONFIG_DSN", repr=False, description="Sentry project DSN.")
+    debug: bool = _env("DEBUG", False, "true turns Sentry off even with a DSN.")
+    sentry_traces_sample_rate: float = _env("SENTRY_TRACES_SAMPLE_RATE", 1.0, "Share of relay runs sent as transactions.", ge=0, le=1)
+    sentry_send_event_payloads: bool = _env("SENTRY_SEND_EVENT_PAYLOADS", False, "Let event_context reach Sentry.")
+    sentry_flush_timeout_seconds: float = _env("SENTRY_FLUSH_TIMEOUT_SECONDS", 2.0, "Longest wait for Sentry at a run's end.", gt=0)
+    cron_monitor_slug: str = _env("SENTRY_CRON_MONITOR_SLUG", "outbox-relay", "Slug of the Crons monitor.")
+    cron_schedule: str | None = _env("SENTRY_CRON_SCHEDULE", None, "Crontab of the monitor; unset: an interval.")
+    cron_interval_minutes: int = _env("SENTRY_CRON_INTERVAL_MINUTES", 10, "Interval of the monitor.", ge=1)
+    cron_checkin_margin_minutes: int = _env("SENTRY_CRON_CHECKIN_MARGIN_MINUTES", 5, "How late a check-in may be.", ge=1)
+    cron_max_runtime_minutes: int = _env("SENTRY_CRON_MAX_RUNTIME_MINUTES", 30, "Longest in-progress check-in.", ge=1)
+    cron_failure_threshold: int = _env("SENTRY_CRON_FAILURE_THRESHOLD", 2, "Failed check-ins that open an issue.", ge=1)
+    cron_recovery_threshold: int = _env("SENTRY_CRON_RECOVERY_THRESHOLD", 1, "Good check-ins that resolve it.", ge=1)
+
+    # -- validation --------------------------------------------------------------------------------
+
+    @pydantic.field_validator("outbox_database_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            from outbox_pipeline.stores.postgres_connection import validate_postgres_url
+
+            validate_postgres_url(value)
+        return value
+
+    @pydantic.field_validator("clickhouse_url_setting")
+    @classmethod
+    def _clickhouse_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            from outbox_pipeline.stores.clickhouse_connection import validate_clickhouse_url
+
+            validate_clickhouse_url(value)
+        return value
+
+    @pydantic.field_validator("state_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @pydantic.field_validator("schedule_cron", "cleanup_cron", "check_cron", "prune_cron", "cron_schedule")
+    @classmethod
+    def _cron(cls, value: str | None, info: pydantic.ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        alias = cls.model_fields[info.field_name].validation_alias
+        return validate_cron(str(alias), value.strip())
+
+    @pydantic.model_validator(mode="after")
+    def _ordered_thresholds(self) -> RelaySettings:
+        if self.lag_error_seconds < self.lag_warning_seconds:
+            raise ConfigurationError(
+                "OUTBOX_LAG_ERROR_SECONDS must not be below OUTBOX_LAG_WARNING_SECONDS "
+                f"({self.lag_error_seconds:g} < {self.lag_warning_seconds:g})"
+            )
+        if self.queue_error_size < self.queue_warning_size:
+            raise ConfigurationError(
+                "OUTBOX_QUEUE_ERROR_SIZE must not be below OUTBOX_QUEUE_WARNING_SIZE "
+                f"({self.queue_error_size} < {self.queue_warning_size})"
+            )
+        return self
+
+    # -- derived values ---------------------------------------------------------------------------
+
+    @property
+    def clickhouse_url(self) -> str:
+        return self.clickhouse_url_setting or f"chdb://{self.state_dir / 'clickhouse'}"
+
+    @property
+    def uses_embedded_postgres(self) -> bool:
+        return not self.outbox_database_url
+
+    @property
+    def uses_chdb(self) -> bool:
+        return self.clickhouse_url.startswith("chdb:")
+
+    @property
+    def embedded_postgres_dir(self) -> Path:
+        return self.state_dir / "postgres"
+
+    @property
+    def sentry(self) -> SentrySettings:
+        from outbox_pipeline.monitoring.sentry_setup import SentrySettings
+
+        return SentrySettings(
+            dsn=self.sentry_dsn,
+            environment=self.sentry_environment,
+            debug=self.debug,
+            traces_sample_rate=self.sentry_traces_sample_rate,
+            send_event_payloads=self.sentry_send_event_payloads,
+            flush_timeout_seconds=self.sentry_flush_timeout_seconds,
+        )
+
+
+def describe_validation_error(exc: pydantic.ValidationError) -> str:
+    """One line naming each offending variable and its value."""
+    problems = []
+    for error in exc.errors():
+        variable = ".".join(str(part) for part in error["loc"]) or "configuration"
+        message = error["msg"].removeprefix("Value error, ")
+        if message.startswith(variable) or not error["loc"]:
+            problems.append(message)
+        else:
+            problems.append(f"{variable}={error['input']!r}: {message}")
+    return "; ".join(problems)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> RelaySettings:
+    """Read and validate every variable (``environ`` defaults to ``os.environ``)."""
+    return RelaySettings.from_env(environ)
+
+
+@functools.cache
+def code_location_settings() -> RelaySettings:
+    """The settings of this process's code location: read once, shared by every relay in it."""
+    return load_settings()
+
+
+@functools.cache
+def producer_settings() -> ProducerSettings:
+    """The producer's variables in this process, read once."""
+    return ProducerSettings.from_env()
