@@ -31,7 +31,7 @@ import time
 
 import psycopg
 
-from outbox_pipeline.stores.batches import stream_csv
+from outbox_pipeline.stores.batch_reads import stream_csv
 from outbox_pipeline.stores.clickhouse_connection import clickhouse_client
 from outbox_pipeline.stores.event_columns import EVENT_COLUMNS
 from outbox_pipeline.stores.event_log_store import create_table_sql

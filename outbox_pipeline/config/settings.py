@@ -13,8 +13,10 @@ from __future__ import annotations
 import datetime as dt
 import functools
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 import pydantic
 from pydantic import Field
@@ -22,8 +24,49 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from outbox_pipeline.config.errors import ConfigurationError
 
-if TYPE_CHECKING:
-    from outbox_pipeline.monitoring.sentry_setup import SentrySettings
+PACKAGE_NAME = "outbox-pipeline"
+UNKNOWN_VERSION = "0.0.0+unknown"
+
+
+
+def default_release() -> str:
+    try:
+        version = metadata.version(PACKAGE_NAME)
+    except metadata.PackageNotFoundError:
+        version = UNKNOWN_VERSION
+    return f"{PACKAGE_NAME}@{version}"
+
+
+@dataclass(frozen=True)
+class SentrySettings:
+    # repr=False: the DSN carries the project key; settings get logged.
+    dsn: str | None = field(default=None, repr=False)
+    environment: str = "development"
+    release: str = field(default_factory=default_release)
+    debug: bool = False
+    traces_sample_rate: float = 1.0
+    send_event_payloads: bool = False
+    flush_timeout_seconds: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.traces_sample_rate <= 1.0:
+            raise ValueError(
+                f"traces_sample_rate must be within [0, 1], got {self.traces_sample_rate}"
+            )
+        if self.flush_timeout_seconds <= 0:
+            raise ValueError(
+                f"flush_timeout_seconds must be > 0, got {self.flush_timeout_seconds}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """Sentry runs only with a DSN and never in DEBUG (local development)."""
+        return bool(self.dsn) and not self.debug
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> SentrySettings:
+        """The Sentry part of the project's settings (one parser for every variable)."""
+        return load_settings(environ).sentry
 
 
 def validate_cron(variable: str, value: str) -> str:
@@ -166,7 +209,7 @@ class RelaySettings(ProducerSettings):
     @classmethod
     def _postgres_url(cls, value: str | None) -> str | None:
         if value is not None:
-            from outbox_pipeline.stores.postgres_connection import validate_postgres_url
+            from outbox_pipeline.config.urls import validate_postgres_url
 
             validate_postgres_url(value)
         return value
@@ -175,7 +218,7 @@ class RelaySettings(ProducerSettings):
     @classmethod
     def _clickhouse_url(cls, value: str | None) -> str | None:
         if value is not None:
-            from outbox_pipeline.stores.clickhouse_connection import validate_clickhouse_url
+            from outbox_pipeline.config.urls import validate_clickhouse_url
 
             validate_clickhouse_url(value)
         return value
@@ -227,8 +270,6 @@ class RelaySettings(ProducerSettings):
 
     @property
     def sentry(self) -> SentrySettings:
-        from outbox_pipeline.monitoring.sentry_setup import SentrySettings
-
         return SentrySettings(
             dsn=self.sentry_dsn,
             environment=self.sentry_environment,

@@ -27,8 +27,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any
 
 import sentry_sdk
@@ -37,6 +35,7 @@ from sentry_sdk.integrations.dedupe import DedupeIntegration
 from sentry_sdk.integrations.logging import LoggingIntegration
 from sentry_sdk.transport import HttpTransport
 
+from outbox_pipeline.config.settings import SentrySettings, default_release
 from outbox_pipeline.monitoring.scrubbing import SECRET_ENV_VARS, configured_secrets, scrub
 
 __all__ = [
@@ -52,53 +51,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PACKAGE_NAME = "outbox-pipeline"
-UNKNOWN_VERSION = "0.0.0+unknown"
 # Field of a relayed outbox event that holds its (possibly personal) payload.
 EVENT_PAYLOAD_KEY = "event_context"
-
-
-
-def default_release() -> str:
-    try:
-        version = metadata.version(PACKAGE_NAME)
-    except metadata.PackageNotFoundError:
-        version = UNKNOWN_VERSION
-    return f"{PACKAGE_NAME}@{version}"
-
-
-@dataclass(frozen=True)
-class SentrySettings:
-    # repr=False: the DSN carries the project key; settings get logged.
-    dsn: str | None = field(default=None, repr=False)
-    environment: str = "development"
-    release: str = field(default_factory=default_release)
-    debug: bool = False
-    traces_sample_rate: float = 1.0
-    send_event_payloads: bool = False
-    flush_timeout_seconds: float = 2.0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.traces_sample_rate <= 1.0:
-            raise ValueError(
-                f"traces_sample_rate must be within [0, 1], got {self.traces_sample_rate}"
-            )
-        if self.flush_timeout_seconds <= 0:
-            raise ValueError(
-                f"flush_timeout_seconds must be > 0, got {self.flush_timeout_seconds}"
-            )
-
-    @property
-    def enabled(self) -> bool:
-        """Sentry runs only with a DSN and never in DEBUG (local development)."""
-        return bool(self.dsn) and not self.debug
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> SentrySettings:
-        """The Sentry part of the project's settings (one parser for every variable)."""
-        from outbox_pipeline.config.settings import load_settings
-
-        return load_settings(environ).sentry
 
 
 class BoundedHttpTransport(HttpTransport):

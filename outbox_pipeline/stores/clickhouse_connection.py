@@ -18,47 +18,12 @@ import urllib.parse
 from pathlib import Path
 
 from outbox_pipeline.config.errors import ConfigurationError, StoreBusyError, StoreUnavailableError, one_line
-
-_URL_HELP = "expected http(s)://user:password@host:8123/database or chdb:///absolute/path"
-
-
-def describe_clickhouse_url(url: str) -> str:
-    """The URL without credentials, for messages."""
-    try:
-        parsed = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parsed.scheme == "chdb":
-        return f"chdb://{parsed.path}"
-    host = parsed.hostname or "?"
-    try:
-        port = parsed.port
-    except ValueError:
-        port = None
-    return f"{parsed.scheme}://{host}{':' + str(port) if port else ''}{parsed.path}"
+from outbox_pipeline.config.urls import describe_clickhouse_url, validate_clickhouse_url
 
 
 def chdb_path(url: str) -> Path | None:
     parsed = urllib.parse.urlsplit(url)
     return Path(parsed.path) if parsed.scheme == "chdb" else None
-
-
-def validate_clickhouse_url(url: str) -> None:
-    try:
-        parsed = urllib.parse.urlsplit(url)
-        _ = parsed.port  # raises on a malformed port
-    except ValueError as exc:
-        raise ConfigurationError(f"CLICKHOUSE_URL is not a valid URL ({exc}); {_URL_HELP}") from None
-    if parsed.scheme == "chdb":
-        if parsed.netloc or not parsed.path.startswith("/"):
-            raise ConfigurationError(
-                f"CLICKHOUSE_URL must name an absolute path, as chdb:///absolute/path (got {describe_clickhouse_url(url)})"
-            )
-        return
-    if parsed.scheme not in ("http", "https"):
-        raise ConfigurationError(f"CLICKHOUSE_URL must start with http://, https:// or chdb:// (got {parsed.scheme or 'no scheme'}://); {_URL_HELP}")
-    if not parsed.hostname:
-        raise ConfigurationError(f"CLICKHOUSE_URL has no host; {_URL_HELP}")
 
 
 # A waiting process touches this file beside the directory; a relay run that follows a

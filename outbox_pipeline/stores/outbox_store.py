@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 
 import psycopg
 
-from outbox_pipeline.stores import batches, migrations, replay_retention, reporting
+from outbox_pipeline.stores import batch_reads, batches, migrations, replay_retention, reporting
 from outbox_pipeline.stores.batches import BatchHandle, RejectedEvent
 from outbox_pipeline.stores.migrations import NOTIFY_CHANNEL
 from outbox_pipeline.stores.postgres_connection import connect_postgres, describe_postgres_url
@@ -131,13 +131,13 @@ class OutboxStore:
         batches.record_split(self.conn, handle, position)
 
     def read_block_csv(self, handle: BatchHandle, start: int, stop: int) -> bytearray:
-        return batches.read_block_csv(self.conn, handle, start, stop)
+        return batch_reads.read_block_csv(self.conn, handle, start, stop)
 
     def stream_block_csv(self, handle: BatchHandle, start: int, stop: int) -> Iterator[bytes]:
-        return batches.stream_block_csv(self.conn, handle, start, stop)
+        return batch_reads.stream_block_csv(self.conn, handle, start, stop)
 
     def read_block_identities(self, handle: BatchHandle, start: int, stop: int) -> list[tuple[int, str]]:
-        return batches.read_block_identities(self.conn, handle, start, stop)
+        return batch_reads.read_block_identities(self.conn, handle, start, stop)
 
     def complete_batch(
         self, handle: BatchHandle, rejected: Sequence[RejectedEvent], *, max_attempts: int, retry_base_seconds: float

@@ -3,55 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import urllib.parse
 from collections.abc import Callable
 
 import psycopg
 
 from outbox_pipeline.config.errors import ConfigurationError, SchemaMissingError, StoreUnavailableError, one_line
 from outbox_pipeline.config.settings import RelaySettings
+from outbox_pipeline.config.urls import describe_postgres_url, validate_postgres_url
 
 # Re-exported: the embedded server's URL is one of the ways to the outbox database.
 from outbox_pipeline.stores.embedded_postgres import embedded_postgres_url, running_embedded_postgres_url
 
 _CONNECT_TIMEOUT_SECONDS = 10
-
-
-def describe_postgres_url(url: str) -> str:
-    """host:port/dbname without credentials, for messages."""
-    try:
-        parsed = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parsed.scheme not in ("postgres", "postgresql"):
-        return "<not a postgresql:// URL>"
-    query = urllib.parse.parse_qs(parsed.query)
-    host = parsed.hostname or (query.get("host") or ["localhost"])[0]
-    port = parsed.port if _safe_port(parsed) else None
-    database = parsed.path.lstrip("/") or "postgres"
-    return f"{host}{':' + str(port) if port else ''}/{database}"
-
-
-def _safe_port(parsed: urllib.parse.SplitResult) -> bool:
-    try:
-        _ = parsed.port  # raises on a malformed port
-    except ValueError:
-        return False
-    return True
-
-
-def validate_postgres_url(url: str, variable: str = "OUTBOX_DATABASE_URL") -> None:
-    try:
-        parsed = urllib.parse.urlsplit(url)
-    except ValueError as exc:
-        raise ConfigurationError(f"{variable} is not a valid URL ({exc}); expected postgresql://user:password@host:5432/dbname") from None
-    if parsed.scheme not in ("postgres", "postgresql"):
-        raise ConfigurationError(
-            f"{variable} must start with postgresql:// (got {parsed.scheme or 'no scheme'}://); "
-            "expected postgresql://user:password@host:5432/dbname"
-        )
-    if not _safe_port(parsed):
-        raise ConfigurationError(f"{variable} has an invalid port; expected postgresql://user:password@host:5432/dbname")
 
 
 def resolve_outbox_database_url(settings: RelaySettings, *, start_embedded: bool = True) -> str:

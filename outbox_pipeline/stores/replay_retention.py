@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import psycopg
 
-from outbox_pipeline.stores.batches import SELECT_EVENT_COLUMNS, copy_csv
+from outbox_pipeline.stores.batch_reads import SELECT_EVENT_COLUMNS, copy_csv
 from outbox_pipeline.stores.relay_identity import RelayIdentity
 
 

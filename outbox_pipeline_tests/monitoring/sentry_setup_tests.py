@@ -16,7 +16,7 @@ import sentry_sdk
 import sentry_sdk.crons
 import sentry_sdk.metrics
 
-from outbox_pipeline.monitoring import sentry_setup
+from outbox_pipeline.config import settings as config_settings
 from outbox_pipeline.monitoring.scrubbing import (
     FILTERED,
     configured_secrets,
@@ -133,10 +133,10 @@ def test_debug_disables_sentry(value: str) -> None:
 
 def test_release_falls_back_when_package_not_installed(monkeypatch) -> None:
     def not_installed(name: str) -> str:
-        raise sentry_setup.metadata.PackageNotFoundError(name)
+        raise config_settings.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(sentry_setup.metadata, "version", not_installed)
-    assert sentry_setup.default_release() == "outbox-pipeline@0.0.0+unknown"
+    monkeypatch.setattr(config_settings.metadata, "version", not_installed)
+    assert config_settings.default_release() == "outbox-pipeline@0.0.0+unknown"
 
 
 def test_invalid_values_are_rejected() -> None:

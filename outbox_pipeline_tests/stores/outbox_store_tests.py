@@ -3,7 +3,7 @@ import gc
 import psycopg
 import pytest
 
-from outbox_pipeline.stores import batches
+from outbox_pipeline.stores import batch_reads
 from outbox_pipeline.stores.outbox_store import OutboxStore
 from outbox_pipeline_tests.conftest import event_log_store
 from outbox_pipeline_tests.support.relay_runs import publish_raw
@@ -121,10 +121,10 @@ FAILING_QUERY = "SELECT n, 1 / (n - %s) FROM generate_series(1, %s) AS n"
 @pytest.mark.parametrize("rows", [3, 200_000])
 def test_both_copy_readers_give_the_bytes_psycopg_reads(relay_env, outbox, rows):
     # psycopg's own COPY iteration is the reference both readers must match.
-    with outbox.conn.cursor() as cur, cur.copy(f"COPY ({ROWS_QUERY}) {batches.COPY_CSV}", (rows,)) as copy:
+    with outbox.conn.cursor() as cur, cur.copy(f"COPY ({ROWS_QUERY}) {batch_reads.COPY_CSV}", (rows,)) as copy:
         reference = b"".join(bytes(row) for row in copy)
-    whole = batches.copy_csv(outbox.conn, ROWS_QUERY, (rows,))
-    pieces = list(batches.stream_csv(outbox.conn, ROWS_QUERY, (rows,), chunk_bytes=64 * 1024))
+    whole = batch_reads.copy_csv(outbox.conn, ROWS_QUERY, (rows,))
+    pieces = list(batch_reads.stream_csv(outbox.conn, ROWS_QUERY, (rows,), chunk_bytes=64 * 1024))
     assert bytes(whole) == reference
     assert b"".join(pieces) == reference
     assert whole.count(b"\n") == rows
@@ -137,7 +137,7 @@ def test_a_stream_holds_its_rows_where_the_garbage_collector_does_not_look(relay
     # whole heap, which in a run worker cost more CPU than the read itself. Held as bytes: none.
     gc.collect()
     before = gc.get_stats()[0]["collections"]
-    pieces = sum(1 for _ in batches.stream_csv(outbox.conn, ROWS_QUERY, (50_000,), chunk_bytes=1 << 20))
+    pieces = sum(1 for _ in batch_reads.stream_csv(outbox.conn, ROWS_QUERY, (50_000,), chunk_bytes=1 << 20))
     collections = gc.get_stats()[0]["collections"] - before
     assert pieces >= 1
     assert collections < 10
@@ -146,14 +146,14 @@ def test_a_stream_holds_its_rows_where_the_garbage_collector_does_not_look(relay
 @pytest.mark.parametrize(("failing_row", "rows"), [(2, 3), (150_000, 200_000)])
 def test_a_copy_that_fails_midway_raises_the_servers_error_and_the_connection_goes_on(relay_env, outbox, failing_row, rows):
     with pytest.raises(psycopg.errors.DivisionByZero):
-        for _ in batches.stream_csv(outbox.conn, FAILING_QUERY, (failing_row, rows), chunk_bytes=64 * 1024):
+        for _ in batch_reads.stream_csv(outbox.conn, FAILING_QUERY, (failing_row, rows), chunk_bytes=64 * 1024):
             pass
     outbox.conn.rollback()
     assert outbox.conn.execute("SELECT 1").fetchone() == (1,)
 
 
 def test_closing_a_stream_early_cancels_the_copy_and_the_connection_goes_on(relay_env, outbox):
-    stream = batches.stream_csv(outbox.conn, ROWS_QUERY, (2_000_000,), chunk_bytes=64 * 1024)
+    stream = batch_reads.stream_csv(outbox.conn, ROWS_QUERY, (2_000_000,), chunk_bytes=64 * 1024)
     assert next(stream).count(b"\n") > 0
     stream.close()
     outbox.conn.rollback()
