@@ -24,7 +24,7 @@ from outbox_pipeline.orchestration.relay_instance import RELAY_NAME_TAG, RelayIn
 from outbox_pipeline.orchestration.run_limits import clickhouse_run_tags
 
 # Every relay run carries this tag; dagster.yaml limits how many run at once.
-RELAY_TAG = "outbox_pipeline/relay/delivery"
+RELAY_TAG = "outbox_pipeline/relay"
 
 
 def relay_run_tags(instance: RelayInstance) -> dict[str, str]:

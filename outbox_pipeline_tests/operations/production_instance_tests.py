@@ -97,7 +97,7 @@ def test_production_storage_block_starts_an_instance_on_postgresql(tmp_path, mon
         queue = instance.get_concurrency_config().run_queue_config
         assert queue.max_concurrent_runs == settings["concurrency"]["runs"]["max_concurrent_runs"]
         limits = {limit["key"]: limit["limit"] for limit in queue.tag_concurrency_limits}
-        assert limits == {"outbox_pipeline/embedded_clickhouse": 1, "outbox_pipeline/relay/delivery": 4, "dagster/backfill": 2}
+        assert limits == {"outbox_pipeline/embedded_clickhouse": 1, "outbox_pipeline/relay": 4, "dagster/backfill": 2}
         # Pools are enforced when the queue launches a run, so a run that needs the chDB pool waits for it.
         pools = instance.get_concurrency_config().pool_config
         assert (pools.pool_granularity.value, pools.default_pool_limit) == ("run", 1)
