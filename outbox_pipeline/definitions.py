@@ -4,12 +4,14 @@
 """
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import dagster as dg
 
 from outbox_pipeline.config.settings import RelaySettings, code_location_settings, load_settings
 from outbox_pipeline.monitoring.sentry_setup import init_sentry
+from outbox_pipeline.orchestration.fleet_defs import build_fleet_defs
 from outbox_pipeline.orchestration.relay_defs import build_relay_defs
 from outbox_pipeline.orchestration.relay_instance import RelayInstance
 from outbox_pipeline.orchestration.run_failure_sensor import build_run_failure_sensor
@@ -17,7 +19,10 @@ from outbox_pipeline.orchestration.run_failure_sensor import build_run_failure_s
 PROJECT_DEFS = Path(__file__).parent / "defs"
 
 
-def build_defs(settings: RelaySettings, *, with_defs_folder: bool = True) -> dg.Definitions:
+def build_defs(
+    settings: RelaySettings, *, with_defs_folder: bool = True, components: Sequence[dg.Definitions] = ()
+) -> dg.Definitions:
+    """The code location: the default relay, the relays in ``defs/`` (and ``components``), and the fleet that follows them all."""
     # Sensors run in the code server: start Sentry there too (a no-op without a DSN).
     init_sentry(settings.sentry)
     parts = [
@@ -27,7 +32,9 @@ def build_defs(settings: RelaySettings, *, with_defs_folder: bool = True) -> dg.
     # Only when a relay is configured there: an installed copy of the package has no project around it.
     if with_defs_folder and any(PROJECT_DEFS.rglob("defs.yaml")):
         parts.append(dg.load_from_defs_folder(path_within_project=PROJECT_DEFS))
-    return dg.Definitions.merge(*parts)
+    relays = dg.Definitions.merge(*parts, *components)
+    # One run follows every relay found above; the one sensor starts it.
+    return dg.Definitions.merge(relays, build_fleet_defs(relays, settings))
 
 
 def build_resources(settings: RelaySettings | None = None) -> dict:

@@ -62,9 +62,7 @@ def code_location(relay_env, billing_database_url) -> dg.Definitions:
     """The project's code location with the three components, built from this test's environment."""
     code_location_settings.cache_clear()
     components = [OutboxRelay.resolve_from_yaml(yaml.safe_dump(attributes)) for attributes in COMPONENTS.values()]
-    defs = dg.Definitions.merge(
-        build_defs(load_settings(), with_defs_folder=False), *(dg.build_defs_for_component(c) for c in components)
-    )
+    defs = build_defs(load_settings(), with_defs_folder=False, components=[dg.build_defs_for_component(c) for c in components])
     yield defs
     code_location_settings.cache_clear()
 
@@ -99,8 +97,11 @@ def test_the_code_location_names_every_relay_and_keeps_the_default_names(code_lo
     jobs = {job.name for job in repository.get_all_jobs()}
     for base in ("process_outbox_events", "relay_low_latency", "requeue_failed_events", "replay_outbox_events", "cleanup_outbox", "check_event_log"):
         assert {base, f"{base}_orders", f"{base}_users", f"{base}_billing"} <= jobs
+    assert "follow_outbox_fleet" in jobs
     sensors = {sensor.name for sensor in repository.sensor_defs}
-    assert {"outbox_pending_sensor", "outbox_pending_sensor_orders", "outbox_lag_sensor_billing", "sentry_run_failure_sensor"} <= sensors
+    assert {"outbox_pending_sensor", "outbox_lag_sensor_orders", "outbox_lag_sensor_billing", "sentry_run_failure_sensor"} <= sensors
+    # One sensor starts the fleet's run for every relay: no relay has a pending sensor (and a following run) of its own.
+    assert not {name for name in sensors if name.startswith("outbox_pending_sensor_")}
     keys = {node.key for node in repository.asset_graph.asset_nodes}
     assert keys == {
         dg.AssetKey("event_log"),

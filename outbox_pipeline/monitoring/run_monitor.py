@@ -45,6 +45,8 @@ from outbox_pipeline.stores.outbox_store import BatchHandle, OutboxCounts, Outbo
 TRACE_ID_TAG = "outbox_pipeline/sentry_trace_id"
 CHECK_IN_TAG = "outbox_pipeline/sentry_check_in_id"
 TRANSACTION_STATUS_TAG = "outbox_pipeline/sentry_transaction_status"
+# The relay of a transaction or an issue, where one run reports for several relays.
+RELAY_SENTRY_TAG = "outbox.relay"
 
 
 def dagster_tags(run: dg.DagsterRun | None, job_name: str, run_id: str) -> dict[str, str]:
@@ -101,6 +103,10 @@ class RelayRunMonitor(dg.ConfigurableResource):
     send_event_payloads: bool = False
     flush_timeout_seconds: float = 2.0
     cron: CronMonitor = Field(default_factory=CronMonitor, description="The relay's Sentry Crons monitor.")
+    relay_name: str = Field(default="default", description="The relay reported on.")
+    fleet_member: bool = Field(
+        default=False, description="Several relays report from one run (a fleet): tags name the relay, run tags are per relay."
+    )
 
     _active: bool = PrivateAttr(default=False)
     _silent: bool = PrivateAttr(default=False)
@@ -111,12 +117,25 @@ class RelayRunMonitor(dg.ConfigurableResource):
     _read_queue: Callable[[], OutboxCounts] | None = PrivateAttr(default=None)
 
     @classmethod
-    def from_settings(cls, settings: RelaySettings, relay_name: str = "default", relay_job: str = RELAY_JOB) -> "RelayRunMonitor":
+    def from_settings(
+        cls, settings: RelaySettings, relay_name: str = "default", relay_job: str = RELAY_JOB, *, fleet_member: bool = False
+    ) -> "RelayRunMonitor":
         """The monitor of one relay; the DSN stays a variable's name in the UI."""
         sentry = {field: getattr(settings.sentry, field) for field in _SENTRY_FIELDS}
         if sentry["dsn"]:
             sentry["dsn"] = dg.EnvVar("SENTRY_CONFIG_DSN")
-        return cls(relay_job=relay_job, cron=CronMonitor.from_settings(settings, relay_name), **sentry)
+        return cls(
+            relay_job=relay_job, cron=CronMonitor.from_settings(settings, relay_name), relay_name=relay_name,
+            fleet_member=fleet_member, **sentry,
+        )
+
+    def run_tag(self, key: str) -> str:
+        """A run tag this monitor writes: one per relay in a fleet's run."""
+        return f"{key}/{self.relay_name}" if self.fleet_member else key
+
+    @property
+    def sentry_tags(self) -> dict[str, str]:
+        return {RELAY_SENTRY_TAG: self.relay_name} if self.fleet_member else {}
 
     def sentry_settings(self) -> SentrySettings:
         return SentrySettings(**{field: getattr(self, field) for field in _SENTRY_FIELDS})
@@ -145,10 +164,10 @@ class RelayRunMonitor(dg.ConfigurableResource):
         if job_name != self.relay_job or run is None:
             return
         try:
-            self._report.open({**dagster_tags(run, job_name, run.run_id), RUNNER_TAG: "dagster"})
-            run_tags = {TRACE_ID_TAG: self._report.transaction.trace_id}
+            self._report.open({**dagster_tags(run, job_name, run.run_id), RUNNER_TAG: "dagster", **self.sentry_tags})
+            run_tags = {self.run_tag(TRACE_ID_TAG): self._report.transaction.trace_id}
             if self._report.check_in_id:
-                run_tags[CHECK_IN_TAG] = self._report.check_in_id
+                run_tags[self.run_tag(CHECK_IN_TAG)] = self._report.check_in_id
             context.instance.add_run_tags(run.run_id, run_tags)
         except Exception as exc:
             context.log.warning(f"could not start the Sentry transaction: {one_line(exc)}")
@@ -163,7 +182,7 @@ class RelayRunMonitor(dg.ConfigurableResource):
                 # The event log knows of failures no hook reported (an interrupted step, say).
                 error = self._error or first_step_failure(context.instance, self._run_id)
                 status = self._report.close(error)
-                context.instance.add_run_tags(self._run_id, {TRANSACTION_STATUS_TAG: status})
+                context.instance.add_run_tags(self._run_id, {self.run_tag(TRANSACTION_STATUS_TAG): status})
         except Exception as exc:
             context.log.warning(f"could not finish the Sentry transaction: {one_line(exc)}")
         finally:

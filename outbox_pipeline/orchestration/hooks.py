@@ -42,25 +42,46 @@ def report_op_failure(context: dg.HookContext) -> str | None:
         return None
     run = context.instance.get_run_by_id(context.run_id)
     retry_number = _op_retry_number(context)
+    tags = {
+        **dagster_tags(run, context.job_name, context.run_id),
+        "dagster.op": context.op.name, "dagster.step": context.step_key, "dagster.retry_number": str(retry_number),
+    }
+    details = {"job": context.job_name, "op": context.op.name, "step": context.step_key, "run_id": context.run_id,
+               "retry_number": retry_number}
+    return _capture(monitor, tags, details, fingerprint, exception, f"op {context.op.name} of {context.job_name} failed")
+
+
+def relay_failure_fingerprint(relay_name: str, exception: BaseException) -> list[str]:
+    return ["outbox-relay-failure", relay_name, type(exception).__name__]
+
+
+def report_relay_failure(monitor: RelayRunMonitor, run: dg.DagsterRun | None, job_name: str, run_id: str,
+                         exception: BaseException) -> str | None:
+    """A fleet member's failure, which the op survives: one event per relay and cause in the run, grouped by relay."""
+    if not init_sentry(monitor.sentry_settings()):
+        return None
+    fingerprint = relay_failure_fingerprint(monitor.relay_name, exception)
+    if not monitor.note_failure(tuple(fingerprint), exception):
+        return None
+    tags = {**dagster_tags(run, job_name, run_id), **monitor.sentry_tags}
+    details = {"job": job_name, "relay": monitor.relay_name, "run_id": run_id}
+    return _capture(monitor, tags, details, fingerprint, exception, f"relay {monitor.relay_name} failed")
+
+
+def _capture(monitor: RelayRunMonitor, tags: dict[str, str], details: dict, fingerprint: list[str],
+             exception: BaseException | None, message: str) -> str | None:
     with sentry_sdk.new_scope() as scope:
         if monitor.transaction is not None:
             # Links the issue to the run's trace.
             scope.span = monitor.transaction
-        for key, value in dagster_tags(run, context.job_name, context.run_id).items():
+        for key, value in tags.items():
             scope.set_tag(key, value)
-        scope.set_tag("dagster.op", context.op.name)
-        scope.set_tag("dagster.step", context.step_key)
-        scope.set_tag("dagster.retry_number", str(retry_number))
-        scope.set_context(
-            "dagster",
-            {"job": context.job_name, "op": context.op.name, "step": context.step_key, "run_id": context.run_id,
-             "retry_number": retry_number},
-        )
+        scope.set_context("dagster", details)
         scope.set_context("outbox_run", monitor.data())
         scope.fingerprint = fingerprint
         if exception is not None:
             return sentry_sdk.capture_exception(exception)
-        return sentry_sdk.capture_message(f"op {context.op.name} of {context.job_name} failed", level="error")
+        return sentry_sdk.capture_message(message, level="error")
 
 
 @dg.failure_hook(name="sentry_on_failure", required_resource_keys={"monitor"})

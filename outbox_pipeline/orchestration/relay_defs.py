@@ -9,10 +9,10 @@ from outbox_pipeline.monitoring.run_monitor import RELAY_JOB, RelayRunMonitor
 from outbox_pipeline.orchestration.assets import build_event_log_checks, event_log_spec, resource_keys
 from outbox_pipeline.orchestration.jobs import RELAY_TAG, build_jobs, pruned_job_names
 from outbox_pipeline.orchestration.lag_sensor import build_lag_sensor
+from outbox_pipeline.orchestration.ops.fleet_ops import FLEET_JOB, member_resource_keys
 from outbox_pipeline.orchestration.relay_instance import RelayInstance
 from outbox_pipeline.orchestration.resources import ClickHouseResource, OutboxDatabaseResource, RunHistoryResource
 from outbox_pipeline.orchestration.schedules import build_schedules
-from outbox_pipeline.orchestration.sensors import build_pending_sensor
 
 
 def build_resources(instance: RelayInstance) -> dict:
@@ -66,11 +66,15 @@ def build_relay_defs(instance: RelayInstance) -> dg.Definitions:
     # Asset jobs (the checks) take the code location's resources, and their failure hook needs a
     # monitor: one object shared by every relay with these settings, so the definitions merge.
     location_resources["monitor"] = location_monitor(instance.settings)
+    # The relay's Sentry reporting inside the fleet's run: its own transaction, check-ins and issues.
+    location_resources[member_resource_keys(instance.name)[2]] = RelayRunMonitor.from_settings(
+        instance.settings, instance.name, FLEET_JOB, fleet_member=True
+    )
     return dg.Definitions(
         assets=[event_log_spec(instance)],
         asset_checks=build_event_log_checks(instance),
         jobs=jobs.all(),
-        sensors=[build_pending_sensor(instance, jobs), build_lag_sensor(instance)],
+        sensors=[build_lag_sensor(instance)],
         schedules=build_schedules(instance, jobs),
         resources=location_resources,
     )

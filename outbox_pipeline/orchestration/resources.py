@@ -101,13 +101,17 @@ class OutboxDatabaseResource(dg.ConfigurableResource):
         finally:
             store.close()
 
-    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+    def close(self) -> None:
+        """Close the run's connections; ``store()`` opens a fresh one (a fleet member starting again after a failure)."""
         if self._prefetcher is not None:
             self._prefetcher.close()
             self._prefetcher = None
         if self._store is not None:
             self._store.close()
             self._store = None
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self.close()
 
 
 class ClickHouseResource(dg.ConfigurableResource):

@@ -1,14 +1,14 @@
-"""The sensor that starts a relay when events are pending."""
+"""The sensor that starts the relays when events are pending: one for the code location, whatever the number of relays."""
 
+import hashlib
 import time
 
 import dagster as dg
 import psycopg
 
 from outbox_pipeline.config.errors import OutboxPipelineError
-from outbox_pipeline.orchestration.assets import resource_keys
-from outbox_pipeline.orchestration.jobs import RelayJobs, relay_run_tags
-from outbox_pipeline.orchestration.relay_instance import RelayInstance
+from outbox_pipeline.config.settings import RelaySettings
+from outbox_pipeline.orchestration.relay_instance import definition_name
 from outbox_pipeline.stores.postgres_connection import translate_postgres_error
 
 ACTIVE_STATUSES = [
@@ -44,50 +44,76 @@ def failure_backoff_remaining(instance: dg.DagsterInstance, interval: float, now
     return max(0.0, ended + wait - now)
 
 
-def build_pending_sensor(instance: RelayInstance, jobs: RelayJobs) -> dg.SensorDefinition:
-    settings = instance.settings
-    outbox_key, _ = resource_keys(instance)
-    relay_job_names = tuple(job.name for job in jobs.relay_jobs)
-    tags = relay_run_tags(instance)
+def build_pending_sensor(
+    settings: RelaySettings, relay_names: list[str], fleet_job: dg.JobDefinition, low_latency_jobs: list[dg.JobDefinition]
+) -> dg.SensorDefinition:
+    """The code location's one sensor for every relay: it keeps the fleet's run going while any relay has work."""
+    outbox_keys = {name: definition_name("outbox", name) for name in relay_names}
+    tags = dict(fleet_job.tags)
 
     @dg.sensor(
-        name=instance.named("outbox_pending_sensor"),
-        jobs=list(jobs.relay_jobs),
+        name="outbox_pending_sensor",
+        jobs=[fleet_job, *low_latency_jobs],
         minimum_interval_seconds=settings.sensor_interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING if settings.sensor_enabled else dg.DefaultSensorStatus.STOPPED,
-        required_resource_keys={outbox_key},
+        required_resource_keys=set(outbox_keys.values()),
         description=(
-            f"Starts {jobs.process.name} when events are pending and no relay run is queued or running; "
-            f"with OUTBOX_LOW_LATENCY=true keeps one {jobs.low_latency.name} run going instead."
+            f"Starts {fleet_job.name}, which relays every relay's events as they arrive, when any of the "
+            f"{len(relay_names)} relays has pending events and no such run is queued or running; with "
+            "OUTBOX_LOW_LATENCY=true keeps one low-latency run per relay going instead."
         ),
     )
     def outbox_pending_sensor(context: dg.SensorEvaluationContext, **_resources):
         # (Called directly, a sensor also receives its resources as keyword arguments.)
-        active = active_relay_run(context.instance, relay_job_names)
+        if settings.low_latency:
+            return low_latency_run_requests(context.instance, low_latency_jobs, settings.sensor_interval_seconds)
+        active = active_relay_run(context.instance, (fleet_job.name,))
         if active is not None:
             return dg.SkipReason(f"relay run {active.dagster_run.run_id} is {active.dagster_run.status.value}")
-        if settings.low_latency:
-            return low_latency_run_request(context.instance, jobs.low_latency.name, settings.sensor_interval_seconds, tags)
-        remaining = failure_backoff_remaining(context.instance, settings.sensor_interval_seconds, time.time(), jobs.process.name)
+        remaining = failure_backoff_remaining(context.instance, settings.sensor_interval_seconds, time.time(), fleet_job.name)
         if remaining > 0:
             return dg.SkipReason(f"the last relay runs failed; next attempt in {remaining:.0f} s")
-        outbox = getattr(context.resources, outbox_key)
-        try:
-            with outbox.short_lived_store() as store:
-                if not store.has_pending_work():
-                    return dg.SkipReason("no pending events")
-                fingerprint = store.pending_work_fingerprint()
-        except psycopg.Error as exc:
-            return dg.SkipReason(f"outbox unavailable: {translate_postgres_error(exc, outbox.url or 'embedded')}")
-        except OutboxPipelineError as exc:
-            return dg.SkipReason(f"outbox unavailable: {exc}")
-        last = context.instance.get_run_records(dg.RunsFilter(job_name=jobs.process.name), limit=1)
+        pending, unavailable = [], []
+        for name, key in outbox_keys.items():
+            outbox = getattr(context.resources, key)
+            try:
+                with outbox.short_lived_store() as store:
+                    if store.has_pending_work():
+                        pending.append(f"{name}:{store.pending_work_fingerprint()}")
+            except psycopg.Error as exc:
+                unavailable.append(f"{name}: {translate_postgres_error(exc, outbox.url or 'embedded')}")
+            except OutboxPipelineError as exc:
+                unavailable.append(f"{name}: {exc}")
+        if not pending:
+            if unavailable:
+                return dg.SkipReason(f"outbox unavailable: {'; '.join(unavailable)}")
+            return dg.SkipReason("no pending events")
+        last = context.instance.get_run_records(dg.RunsFilter(job_name=fleet_job.name), limit=1)
         last_run_id = last[0].dagster_run.run_id if last else "none"
         # The key names the waiting work and the last run that saw it: the daemon never
         # launches two runs for one key, and a new key appears once that run has ended.
-        return dg.RunRequest(run_key=f"{fingerprint}/{last_run_id}", job_name=jobs.process.name, tags=tags)
+        work = hashlib.sha1(",".join(pending).encode()).hexdigest()[:16] if len(pending) > 1 else pending[0]
+        return dg.RunRequest(run_key=f"{work}/{last_run_id}", job_name=fleet_job.name, tags=tags)
 
     return outbox_pending_sensor
+
+
+def low_latency_run_requests(
+    instance: dg.DagsterInstance, jobs: list[dg.JobDefinition], interval: float
+) -> list[dg.RunRequest] | dg.SkipReason:
+    """One low-latency run per relay; a relay whose run is going (or backs off after failures) is skipped."""
+    requests, skipped = [], []
+    for job in jobs:
+        active = active_relay_run(instance, (job.name,))
+        request = (
+            dg.SkipReason(f"relay run {active.dagster_run.run_id} is {active.dagster_run.status.value}")
+            if active is not None else low_latency_run_request(instance, job.name, interval, dict(job.tags))
+        )
+        if isinstance(request, dg.RunRequest):
+            requests.append(request)
+        else:
+            skipped.append(f"{job.name}: {request.skip_message}")
+    return requests or dg.SkipReason("; ".join(skipped))
 
 
 def low_latency_run_request(
