@@ -77,7 +77,7 @@ class Stream(threading.Thread):
     def __init__(self, urls: dict[str, str], *, seconds: float, per_round: int = 5, pause: float = 0.2):
         super().__init__(daemon=True)
         self.urls, self.seconds, self.per_round, self.pause = urls, seconds, per_round, pause
-        self.published = {name: 0 for name in RELAYS}
+        self.published = dict.fromkeys(RELAYS, 0)
         self.failure: BaseException | None = None
 
     def run(self) -> None:
