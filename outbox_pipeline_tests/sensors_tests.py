@@ -1,7 +1,8 @@
 import dagster as dg
 
 from outbox_pipeline.definitions import build_resources
-from outbox_pipeline_tests.support.default_relay import RELAY_TAG, outbox_pending_sensor, pending_sensor_from_env, process_outbox_events
+from outbox_pipeline.orchestration.fleet_defs import FLEET_TAG
+from outbox_pipeline_tests.support.default_relay import follow_outbox_fleet, outbox_pending_sensor, pending_sensor_from_env
 from outbox_pipeline_tests.support.relay_runs import publish_raw, run_relay
 
 
@@ -33,16 +34,17 @@ def test_sensor_requests_a_tagged_run_when_events_are_pending(relay_env):
     publish_raw(relay_env["OUTBOX_DATABASE_URL"], 3)
     with dg.instance_for_test() as instance:
         [request] = run_requests(evaluate(instance))
-    assert request.tags[RELAY_TAG] == "true"
+    assert request.tags[FLEET_TAG] == "true"
+    assert request.job_name == "follow_outbox_fleet"
     assert request.run_key
 
 
-def test_sensor_does_not_request_while_a_relay_run_is_active(relay_env):
+def test_sensor_does_not_request_while_the_fleet_s_run_is_active(relay_env):
     publish_raw(relay_env["OUTBOX_DATABASE_URL"], 3)
     with dg.instance_for_test() as instance:
         # (QUEUED is in the same filter; a queued run cannot be created without a code location.)
         for status in (dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED):
-            run = instance.create_run_for_job(process_outbox_events, status=status)
+            run = instance.create_run_for_job(follow_outbox_fleet, status=status)
             result = evaluate(instance)
             assert isinstance(result, dg.SkipReason), status
             assert run.run_id in result.skip_message
@@ -66,7 +68,7 @@ def test_sensor_run_key_is_stable_until_the_work_or_the_last_run_changes(relay_e
 def test_sensor_backs_off_after_failed_runs(relay_env, monkeypatch):
     publish_raw(relay_env["OUTBOX_DATABASE_URL"], 3)
     with dg.instance_for_test() as instance:
-        run = instance.create_run_for_job(process_outbox_events, status=dg.DagsterRunStatus.STARTED)
+        run = instance.create_run_for_job(follow_outbox_fleet, status=dg.DagsterRunStatus.STARTED)
         instance.report_run_failed(run)
         result = evaluate(instance)
     assert isinstance(result, dg.SkipReason) and "next attempt in" in result.skip_message

@@ -3,9 +3,11 @@
     python -m outbox_pipeline.bench --events 100000 --events 1000000 [--latency-seconds 20] [--clickhouse-url URL]
     python -m outbox_pipeline.bench --sentry --events 100000 --events 1000000 [--repeat 3]
     python -m outbox_pipeline.bench --steady --rate 50 --rate 1000 [--warmup 60 --measure 240 --idle 60] [--baseline]
+    python -m outbox_pipeline.bench --steady --relays 12 --rate 10 [--clickhouse-http] [--warmup 60 --measure 600 --idle 60]
 
 The first form is the backlog (backlog.py), the second Sentry's overhead (sentry_overhead.py),
-the third the steady state of the real `dagster dev` stack (steady.py).
+the third the steady state of the real `dagster dev` stack (steady.py), the fourth a fleet of relays beside
+one relay at the same total rate (fleet.py).
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     steady.add_argument("--idle", type=float, default=60, help="seconds measured with no stream (default 60)")
     steady.add_argument("--baseline", action="store_true",
                         help="also measure relay runs that end with their backlog (OUTBOX_FOLLOW_SECONDS=0), side by side")
+    steady.add_argument("--relays", type=int, default=0,
+                        help="a fleet of this many relays, --rate events/s each, beside one relay at the same total (bench/fleet.py)")
+    steady.add_argument("--clickhouse-http", action="store_true",
+                        help="with --relays: ClickHouse is the test suite's chDB-backed HTTP server, in a process of its own")
     parser.add_argument("--run-relay-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run_relay_child:
@@ -55,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_sentry_bench(args.events or [100_000], batch_size=args.batch_size, repeat=args.repeat,
                                 clickhouse_url=args.clickhouse_url)
+    if args.steady and args.relays:
+        from outbox_pipeline.bench.fleet import run_fleet_bench
+
+        [rate] = args.rate or [10.0]
+        run_fleet_bench(args.relays, rate, warmup=args.warmup, measure=args.measure, idle=args.idle, http=args.clickhouse_http)
+        return 0
     if args.steady:
         from outbox_pipeline.bench.steady import run_steady
 

@@ -28,7 +28,8 @@ EVENTS_PER_TRANSACTION = 10
 
 
 def produce(
-    database_url: str, environment: str, rate: float, stop: threading.Event, counter: list[int], info: dict | None = None
+    database_url: str, environment: str, rate: float, stop: threading.Event, counter: list[int], info: dict | None = None,
+    event_type: str = "latency_probe",
 ) -> None:
     """Commit ``rate`` events a second until ``stop``; ``counter[0]`` counts them, ``info`` gets the backend's pid."""
     with psycopg.connect(database_url) as conn:
@@ -39,7 +40,7 @@ def produce(
         while not stop.is_set():
             rows = []
             for _ in range(EVENTS_PER_TRANSACTION):
-                rows.append((uuid.uuid4(), "latency_probe", dt.datetime.now(dt.UTC), environment, "{}"))
+                rows.append((uuid.uuid4(), event_type, dt.datetime.now(dt.UTC), environment, "{}"))
             with conn.cursor() as cur:
                 cur.executemany(
                     "INSERT INTO outbox (event_id, event_type, event_date_time, environment, event_context) VALUES (%s, %s, %s, %s, %s)",

@@ -44,6 +44,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -142,7 +143,7 @@ class StackCpu:
 class Stack:
     """``dagster dev`` on fresh embedded stores, in ``workdir``; stopped (everything) by ``stop``."""
 
-    def __init__(self, workdir: Path, extra_env: dict[str, str]):
+    def __init__(self, workdir: Path, extra_env: dict[str, str], workspace: str = WORKSPACE):
         self.workdir = workdir
         self.state_dir = workdir / "state"
         self.home = workdir / "dagster_home"
@@ -150,7 +151,7 @@ class Stack:
         self.state_dir.chmod(0o755)  # the embedded PostgreSQL may run as a user of its own
         self.home.mkdir()
         shutil.copy(PROJECT_ROOT / "dagster.yaml", self.home / "dagster.yaml")
-        (workdir / "workspace.yaml").write_text(WORKSPACE)
+        (workdir / "workspace.yaml").write_text(workspace)
         inherited = {
             key: value for key, value in os.environ.items()
             if not key.startswith(("OUTBOX_", "CLICKHOUSE_", "DAGSTER_", "SENTRY_", "PG")) and key != "DEBUG"
@@ -169,9 +170,12 @@ class Stack:
             raise RuntimeError(f"outbox-pipeline {' '.join(args)} failed: {result.stderr.strip()[-2000:]}")
         return result.stdout
 
-    def start(self) -> None:
+    def start(self, prepare: Callable[[Stack], None] | None = None) -> None:
+        """Stores, then ``prepare(self)`` (which may add to ``env``), then ``dagster dev``."""
         self._command("start")
         self._command("init")
+        if prepare is not None:
+            prepare(self)
         log = (self.workdir / "dagster-dev.log").open("wb")
         self.process = subprocess.Popen(
             [str(BIN / "dagster"), "dev", "-w", str(self.workdir / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(self.port)],
@@ -204,7 +208,7 @@ class Stack:
 
     @property
     def clickhouse_url(self) -> str:
-        return f"chdb://{self.state_dir / 'clickhouse'}"
+        return self.env.get("CLICKHOUSE_URL") or f"chdb://{self.state_dir / 'clickhouse'}"
 
     def instance(self):
         import dagster as dg
@@ -229,21 +233,22 @@ class Stack:
             self._command("stop")  # by the pid in postmaster.pid
 
 
-def _counts(clickhouse_url: str) -> tuple[int, int]:
+def counts(clickhouse_url: str, table: str = "event_log") -> tuple[int, int]:
     with clickhouse_client(clickhouse_url, busy_wait_seconds=120) as client:
-        rows, distinct = client.query("SELECT count(), uniqExact(event_id) FROM event_log").result_rows[0]
+        rows, distinct = client.query(f"SELECT count(), uniqExact(event_id) FROM {table}").result_rows[0]
     return int(rows), int(distinct)
 
 
-def _latency(clickhouse_url: str, start: dt.datetime, end: dt.datetime) -> tuple[float, float, float]:
+def latency(clickhouse_url: str, start: dt.datetime, end: dt.datetime, table: str = "event_log") -> tuple[float, float, float, float]:
+    """p50, p95, p99 and max of commit-to-ClickHouse of the events of [start, end), in seconds."""
     with clickhouse_client(clickhouse_url, busy_wait_seconds=120) as client:
-        p50, p95, p99 = client.query(
-            "SELECT quantileExact(0.5)(d), quantileExact(0.95)(d), quantileExact(0.99)(d) FROM "
-            "(SELECT dateDiff('microsecond', event_date_time, loaded_at) / 1e6 AS d FROM event_log "
+        p50, p95, p99, worst = client.query(
+            "SELECT quantileExact(0.5)(d), quantileExact(0.95)(d), quantileExact(0.99)(d), max(d) FROM "
+            f"(SELECT dateDiff('microsecond', event_date_time, loaded_at) / 1e6 AS d FROM {table} "
             "WHERE event_date_time >= {start:DateTime64(6, 'UTC')} AND event_date_time < {end:DateTime64(6, 'UTC')})",
             parameters={"start": start, "end": end},
         ).result_rows[0]
-    return float(p50), float(p95), float(p99)
+    return float(p50), float(p95), float(p99), float(worst)
 
 
 def measure_steady(mode: str, rate: float, *, warmup: float, measure: float, idle: float, log=print) -> SteadyResult:
@@ -296,11 +301,11 @@ def measure_steady(mode: str, rate: float, *, warmup: float, measure: float, idl
         log(f"{mode}, {rate:g} events/s: {result.published} events published; waiting for all of them in ClickHouse")
         deadline = time.monotonic() + 300
         while True:
-            result.rows, result.distinct = _counts(stack.clickhouse_url)
+            result.rows, result.distinct = counts(stack.clickhouse_url)
             if result.rows >= result.published or time.monotonic() > deadline:
                 break
             time.sleep(10)
-        result.latency = _latency(stack.clickhouse_url, window_start, window_end)
+        result.latency = latency(stack.clickhouse_url, window_start, window_end)[:3]
     finally:
         stop.set()
         if producer is not None:

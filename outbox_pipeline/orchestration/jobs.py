@@ -19,7 +19,7 @@ from outbox_pipeline.orchestration.ops.maintenance_ops import requeue_failed
 from outbox_pipeline.orchestration.ops.relay_ops import extract_outbox_batches, load_batch, mark_batch_processed, report_relay_run
 from outbox_pipeline.orchestration.ops.replay_ops import replay_outbox_day
 from outbox_pipeline.orchestration.ops.retention_ops import delete_old_outbox_events
-from outbox_pipeline.orchestration.ops.run_history_ops import prune_run_history
+from outbox_pipeline.orchestration.ops.run_history_ops import build_prune_op
 from outbox_pipeline.orchestration.relay_instance import RELAY_NAME_TAG, RelayInstance
 from outbox_pipeline.orchestration.run_limits import clickhouse_run_tags
 
@@ -61,7 +61,7 @@ def cleanup_graph():
     "OUTBOX_RUN_RETENTION_HOURS (failed ones: OUTBOX_FAILED_RUN_RETENTION_DAYS) deleted with their event logs."
 )
 def prune_graph():
-    prune_run_history()
+    build_prune_op("prune_run_history", ["run_history"])()
 
 
 @dg.graph(description="Low-latency mode: one long run that relays on every producer commit (LISTEN/NOTIFY), then ends.")
@@ -96,9 +96,14 @@ def replay_partitions(instance: RelayInstance) -> dg.DailyPartitionsDefinition:
     )
 
 
+# The code location's jobs that run often (fleet_defs.py), pruned with the default relay's.
+LOCATION_JOBS = ("follow_outbox_fleet", "check_all_event_logs", "prune_all_dagster_runs")
+
+
 def pruned_job_names(instance: RelayInstance) -> list[str]:
-    """The relay's jobs that run often, whose old runs prune_dagster_runs deletes."""
-    return [instance.named(base) for base in ("process_outbox_events", "relay_low_latency", "check_event_log", "prune_dagster_runs")]
+    """The relay's jobs that run often, whose old runs the prune jobs delete."""
+    names = [instance.named(base) for base in ("process_outbox_events", "relay_low_latency", "check_event_log", "prune_dagster_runs")]
+    return [*names, *LOCATION_JOBS] if instance.is_default else names
 
 
 def build_jobs(instance: RelayInstance, resources: dict) -> RelayJobs:

@@ -62,7 +62,10 @@ def build_relay_defs(instance: RelayInstance) -> dg.Definitions:
     resources = build_resources(instance)
     jobs = build_jobs(instance, resources)
     outbox_key, clickhouse_key = resource_keys(instance)
-    location_resources = {outbox_key: resources["outbox"], clickhouse_key: resources["clickhouse"]}
+    location_resources = {
+        outbox_key: resources["outbox"], clickhouse_key: resources["clickhouse"],
+        instance.named("run_history"): resources["run_history"],
+    }
     # Asset jobs (the checks) take the code location's resources, and their failure hook needs a
     # monitor: one object shared by every relay with these settings, so the definitions merge.
     location_resources["monitor"] = location_monitor(instance.settings)

@@ -22,7 +22,13 @@ import sentry_sdk
 from outbox_pipeline.config.settings import RelaySettings
 from outbox_pipeline.monitoring.crons import CronMonitor
 from outbox_pipeline.monitoring.relay_report import RELAY_JOB, RUNNER_TAG, TRANSACTION_NAME, TRANSACTION_OP, one_line
-from outbox_pipeline.monitoring.run_monitor import CHECK_IN_TAG, TRACE_ID_TAG, TRANSACTION_STATUS_TAG, dagster_tags
+from outbox_pipeline.monitoring.run_monitor import (
+    CHECK_IN_TAG,
+    RELAY_SENTRY_TAG,
+    TRACE_ID_TAG,
+    TRANSACTION_STATUS_TAG,
+    dagster_tags,
+)
 from outbox_pipeline.monitoring.sentry_setup import flush_sentry, fresh_scope, init_sentry
 from outbox_pipeline.orchestration.relay_instance import DEFAULT_RELAY, RELAY_NAME_TAG, definition_name
 
@@ -69,16 +75,17 @@ def _timestamp(value: float | None) -> dt.datetime:
 
 
 def _complete_relay_report(
-    instance: dg.DagsterInstance, run: dg.DagsterRun, tags: dict[str, str], error: str, cron: CronMonitor
+    instance: dg.DagsterInstance, run: dg.DagsterRun, tags: dict[str, str], error: str, cron: CronMonitor, suffix: str = ""
 ) -> None:
-    if run.tags.get(TRANSACTION_STATUS_TAG):
+    """``suffix``: the run tags' of one relay in a fleet's run (``/<relay>``)."""
+    if run.tags.get(TRANSACTION_STATUS_TAG + suffix):
         return  # the worker's monitor finished the transaction itself
     record = instance.get_run_record_by_id(run.run_id)
     start = record.start_time if record is not None else None
     end = record.end_time if record is not None else None
     if start is None and record is not None:
         start = record.create_timestamp.timestamp()
-    options = {"trace_id": run.tags[TRACE_ID_TAG]} if run.tags.get(TRACE_ID_TAG) else {}
+    options = {"trace_id": run.tags[TRACE_ID_TAG + suffix]} if run.tags.get(TRACE_ID_TAG + suffix) else {}
     transaction = sentry_sdk.start_transaction(
         op=TRANSACTION_OP, name=TRANSACTION_NAME, start_timestamp=_timestamp(start), **options
     )
@@ -88,15 +95,21 @@ def _complete_relay_report(
     transaction.set_data("reported_by", SENSOR_NAME)
     transaction.set_status("internal_error")
     transaction.finish(end_timestamp=_timestamp(end))
-    if run.tags.get(CHECK_IN_TAG):
-        cron.close_check_in(run.tags[CHECK_IN_TAG], ok=False)
-    instance.add_run_tags(run.run_id, {TRANSACTION_STATUS_TAG: "internal_error"})
+    if run.tags.get(CHECK_IN_TAG + suffix):
+        cron.close_check_in(run.tags[CHECK_IN_TAG + suffix], ok=False)
+    instance.add_run_tags(run.run_id, {TRANSACTION_STATUS_TAG + suffix: "internal_error"})
 
 
 def relay_of(run: dg.DagsterRun) -> str | None:
     """The relay whose transaction this run reports, or None for every other job."""
     relay_name = run.tags.get(RELAY_NAME_TAG, DEFAULT_RELAY)
     return relay_name if run.job_name == definition_name(RELAY_JOB, relay_name) else None
+
+
+def fleet_relays_of(run: dg.DagsterRun) -> list[str]:
+    """The relays whose transactions a fleet's run opened (their trace ids are tagged ``<tag>/<relay>``)."""
+    prefix = TRACE_ID_TAG + "/"
+    return sorted(key[len(prefix):] for key in run.tags if key.startswith(prefix))
 
 
 def report_run_failure(context: dg.RunFailureSensorContext, settings: RelaySettings) -> str | None:
@@ -123,6 +136,13 @@ def report_run_failure(context: dg.RunFailureSensorContext, settings: RelaySetti
     if relay_name is not None:
         with fresh_scope():
             _complete_relay_report(instance, run, tags, error, CronMonitor.from_settings(settings, relay_name))
+    # A fleet's run reports each relay apart: its monitors tagged the run per relay.
+    for fleet_relay in fleet_relays_of(run):
+        with fresh_scope():
+            _complete_relay_report(
+                instance, run, {**tags, RELAY_SENTRY_TAG: fleet_relay}, error, CronMonitor.from_settings(settings, fleet_relay),
+                suffix=f"/{fleet_relay}",
+            )
     flush_sentry()
     return event_id
 

@@ -1,4 +1,7 @@
-"""Schedules of one relay: the relay on a fixed cadence, daily retention, the asset checks, run-history pruning.
+"""Schedules of one relay: the relay on a fixed cadence and daily retention.
+
+The asset checks and the pruning of Dagster's runs have one schedule for the whole code
+location (fleet_defs.py): a run per tick, not a run per relay.
 
 The relay schedule is the alternative to the pending-work sensor for teams that
 prefer a fixed cadence: stopped unless OUTBOX_SCHEDULE_ENABLED=true, cron from
@@ -40,20 +43,4 @@ def build_schedules(instance: RelayInstance, jobs: RelayJobs) -> list[dg.Schedul
         default_status=dg.DefaultScheduleStatus.RUNNING,
         description="Daily retention: deletes processed events older than OUTBOX_RETENTION_DAYS (OUTBOX_CLEANUP_CRON).",
     )
-    checks = dg.ScheduleDefinition(
-        name=instance.named("check_event_log_schedule"),
-        job=jobs.check,
-        cron_schedule=settings.check_cron,
-        execution_timezone="UTC",
-        default_status=dg.DefaultScheduleStatus.RUNNING,
-        description="Runs the asset's freshness and duplicate checks (OUTBOX_CHECK_CRON).",
-    )
-    prune = dg.ScheduleDefinition(
-        name=instance.named("prune_dagster_runs_schedule"),
-        job=jobs.prune,
-        cron_schedule=settings.prune_cron,
-        execution_timezone="UTC",
-        default_status=dg.DefaultScheduleStatus.RUNNING if settings.prune_enabled else dg.DefaultScheduleStatus.STOPPED,
-        description="Hourly rollups of the asset's figures, then the relay's old runs deleted (OUTBOX_PRUNE_CRON).",
-    )
-    return [process_outbox_events_schedule, cleanup, checks, prune]
+    return [process_outbox_events_schedule, cleanup]

@@ -177,3 +177,33 @@ def test_a_failing_relay_fails_alone(relay_env, second_outbox, recorder):
     status = {t["tags"]["outbox.relay"]: t["contexts"]["trace"]["status"] for t in transactions(recorder) if "outbox.relay" in t["tags"]}
     assert status == {"default": "ok", "orders": "ok", "billing": "ok", "lost": "internal_error", "broken": "internal_error"}
     assert {t["transaction"] for t in transactions(recorder)} == {"process_outbox_events"}
+
+
+def test_checks_and_run_history_are_one_run_per_tick_for_the_whole_fleet(relay_env, second_outbox):
+    defs = fleet_location([component(name, *spec) for name, spec in list(RELAYS.items())[:3]])
+    schedules = {schedule.name: schedule.job_name for schedule in defs.schedules}
+    assert schedules["check_event_log_schedule"] == "check_all_event_logs"
+    assert schedules["prune_dagster_runs_schedule"] == "prune_all_dagster_runs"
+    assert not [name for name in schedules if name.startswith(("check_event_log_schedule_", "prune_dagster_runs_schedule_"))]
+
+    instance = dg.DagsterInstance.ephemeral()
+    publish_raw(relay_env["OUTBOX_DATABASE_URL"], 10, event_type="order_paid")
+    fleet_run = run_fleet(defs, instance, follow_seconds=0)
+    assert fleet_run.success
+
+    checks = defs.resolve_job_def("check_all_event_logs").execute_in_process(instance=instance, raise_on_error=False)
+    assert checks.success
+    evaluated = {(e.asset_key.to_user_string(), e.check_name) for e in checks.get_asset_check_evaluations()}
+    assets = ["event_log", *(f"{name}/{table}" for name, (_, _, table) in list(RELAYS.items())[:3])]
+    assert evaluated == {(asset, check) for asset in assets for check in ("freshness", "no_duplicates")}
+
+    # The fleet's runs are pruned with the default relay's history, all but each job's latest success.
+    later_fleet_run = run_fleet(defs, instance, follow_seconds=0)
+    later_checks = defs.resolve_job_def("check_all_event_logs").execute_in_process(instance=instance, raise_on_error=False)
+    pruned = defs.resolve_job_def("prune_all_dagster_runs").execute_in_process(
+        instance=instance, run_config={"ops": {"prune_run_histories": {"config": {"run_retention_hours": 1e-9}}}}, raise_on_error=False
+    )
+    assert pruned.success
+    assert instance.get_run_by_id(fleet_run.run_id) is None
+    assert instance.get_run_by_id(checks.run_id) is None
+    assert all(instance.get_run_by_id(run.run_id) is not None for run in (later_fleet_run, later_checks, pruned))

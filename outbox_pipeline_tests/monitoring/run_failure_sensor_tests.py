@@ -209,3 +209,32 @@ def wait_for_load_step(instance: dg.DagsterInstance, worker: subprocess.Popen) -
                 return runs[0]
         time.sleep(0.1)
     raise TimeoutError("the run worker never reached load_batch")
+
+
+def test_a_dead_fleet_run_gets_each_relay_s_transaction_and_check_in_closed(recorder):
+    from outbox_pipeline.definitions import defs
+
+    instance = dg.DagsterInstance.ephemeral()
+    run = instance.create_run_for_job(job_def=defs.resolve_job_def("follow_outbox_fleet"))
+    # What the fleet's monitors tag as the run starts: each relay's trace and open check-in, under its own name.
+    trace_ids = {"default": "a" * 32, "orders": "b" * 32}
+    instance.add_run_tags(run.run_id, {
+        **{f"{TRACE_ID_TAG}/{relay}": trace_id for relay, trace_id in trace_ids.items()},
+        f"{CHECK_IN_TAG}/orders": "c" * 32,
+    })
+    instance.report_run_failed(run, WORKER_DIED.format(run.run_id))
+
+    evaluate(instance, run.run_id)
+
+    [event] = errors(recorder)
+    assert event["fingerprint"] == ["dagster-run-failure", "follow_outbox_fleet", "run_worker_failed"]
+    finished = {t["tags"]["outbox.relay"]: t for t in transactions(recorder)}
+    assert set(finished) == {"default", "orders"}
+    for relay, transaction in finished.items():
+        assert trace(transaction)["trace_id"] == trace_ids[relay]
+        assert trace(transaction)["status"] == "internal_error"
+        assert transaction["transaction"] == "process_outbox_events"
+    [closed] = check_ins(recorder)
+    assert (closed["status"], closed["check_in_id"], closed["monitor_slug"]) == ("error", "c" * 32, "outbox-relay-orders")
+    tags = instance.get_run_by_id(run.run_id).tags
+    assert tags[f"{TRANSACTION_STATUS_TAG}/orders"] == tags[f"{TRANSACTION_STATUS_TAG}/default"] == "internal_error"

@@ -358,7 +358,7 @@ def test_dagster_dev_sensor_relays_events_and_a_backfill_replays_two_days(dagste
     published = TODAY_EVENTS + YESTERDAY_EVENTS
 
     def relayed_everything():
-        runs = stack.runs(pipelineName="process_outbox_events")
+        runs = stack.runs(pipelineName="follow_outbox_fleet")
         if not runs or any(run["status"] not in TERMINAL_RUN_STATUSES for run in runs):
             return None
         materializations = stack.graphql(ASSET_QUERY)["assetOrError"].get("assetMaterializations", [])
@@ -380,7 +380,7 @@ def test_dagster_dev_sensor_relays_events_and_a_backfill_replays_two_days(dagste
     for run in relay_runs:
         tags = {tag["key"]: tag["value"] for tag in run["tags"]}
         assert tags.get("dagster/sensor_name") == "outbox_pending_sensor"
-        assert tags.get("outbox_pipeline/relay") == "true"
+        assert tags.get("outbox_pipeline/relay") == "fleet"
 
     # No run is active now and nothing is pending, so the sensor launches nothing: chDB is free to open.
     status = json.loads(stack.outbox_pipeline("status", "--json").stdout)
@@ -519,15 +519,15 @@ def test_a_following_run_ends_when_execute_checks_is_queued_behind_it(dagster_de
     stack = dagster_dev
     stack.wait_for("the code location to load", lambda: location_loaded(stack), timeout=120)
 
-    # A relay run that would follow the stream for two minutes, holding the embedded ClickHouse.
+    # The fleet's run, as the sensor starts it, would follow the stream for two minutes, holding the embedded ClickHouse.
     relay_run = launch_run(
-        stack, {"jobName": "process_outbox_events"},
-        {"ops": {"follow_outbox": {"config": {"follow_seconds": 120, "quiet_seconds": 120}}}},
+        stack, {"jobName": "follow_outbox_fleet"},
+        {"ops": {"follow_fleet": {"config": {"follow_seconds": 120, "quiet_seconds": 120}}}},
     )
 
     def following():
         messages = stack.graphql(RUN_MESSAGES, runId=relay_run)["logsForRun"]["events"]
-        return any("following new events" in (event.get("message") or "") for event in messages)
+        return any("following 1 relay:" in (event.get("message") or "") for event in messages)
 
     stack.wait_for("the relay run to follow the stream", following)
 

@@ -4,6 +4,7 @@ from outbox_pipeline.definitions import defs
 from outbox_pipeline.orchestration.jobs import RELAY_TAG
 
 process_outbox_events = defs.resolve_job_def("process_outbox_events")
+follow_outbox_fleet = defs.resolve_job_def("follow_outbox_fleet")
 relay_low_latency = defs.resolve_job_def("relay_low_latency")
 requeue_failed_events = defs.resolve_job_def("requeue_failed_events")
 replay_outbox_events = defs.resolve_job_def("replay_outbox_events")
@@ -18,6 +19,7 @@ __all__ = [
     "RELAY_TAG",
     "check_event_log",
     "cleanup_outbox",
+    "follow_outbox_fleet",
     "outbox_lag_sensor",
     "outbox_pending_sensor",
     "process_outbox_events",
@@ -47,12 +49,8 @@ def run_failure_sensor_from_env():
 
 
 def pending_sensor_from_env():
-    """The default relay's pending-work sensor built from the environment as it is now."""
+    """The code location's pending-work sensor, built from the environment as it is now."""
     from outbox_pipeline.config.settings import load_settings
-    from outbox_pipeline.orchestration.jobs import build_jobs
-    from outbox_pipeline.orchestration.relay_defs import build_resources
-    from outbox_pipeline.orchestration.relay_instance import RelayInstance
-    from outbox_pipeline.orchestration.sensors import build_pending_sensor
+    from outbox_pipeline.definitions import build_defs
 
-    instance = RelayInstance.from_settings(load_settings())
-    return build_pending_sensor(instance, build_jobs(instance, build_resources(instance)))
+    return build_defs(load_settings(), with_defs_folder=False).resolve_sensor_def("outbox_pending_sensor")

@@ -147,7 +147,7 @@ def build_follow_fleet_op(relay_names: list[str]) -> dg.OpDefinition:
             retry_base_seconds=max(limits.interval_seconds, relays[0].outbox.retry_base_seconds), should_stop=should_stop,
         )
         context.log.info(
-            f"following {len(relays)} relays: a look every {limits.interval_seconds:g} s, for up to {limits.follow_seconds:g} s, "
+            f"following {len(relays)} relay{'' if len(relays) == 1 else 's'}: a look every {limits.interval_seconds:g} s, for up to {limits.follow_seconds:g} s, "
             f"until none of them received an event for {limits.quiet_seconds:g} s"
         )
         run = context.dagster_run

@@ -1,4 +1,4 @@
-"""The op of ``prune_dagster_runs``: hourly rollups of the asset's figures, then old runs deleted (run_history.py)."""
+"""The op of the prune jobs: hourly rollups of each asset's figures, then old runs deleted (run_history.py)."""
 
 import dataclasses
 import time
@@ -20,8 +20,28 @@ class PruneConfig(dg.Config):
     max_runs: int = Field(default=1000, ge=1, description="Delete at most this many runs; the next run goes on.")
 
 
-@dg.op(description="Record hourly rollups of the relay's asset, then delete the relay's runs past their retention.")
-def prune_run_history(context: dg.OpExecutionContext, config: PruneConfig, run_history: RunHistoryResource) -> dg.Output[dict]:
+def build_prune_op(name: str, resource_keys: list[str]) -> dg.OpDefinition:
+    """An op that rolls up and prunes the history of each relay whose ``RunHistoryResource`` is under ``resource_keys``."""
+
+    @dg.op(
+        name=name, required_resource_keys=set(resource_keys),
+        description="Record hourly rollups of each relay's asset, then delete each relay's runs past their retention.",
+    )
+    def prune_run_history(context: dg.OpExecutionContext, config: PruneConfig) -> dg.Output[dict]:
+        totals: dict = {}
+        for key in resource_keys:
+            summary = _prune_one(context, config, getattr(context.resources, key))
+            totals = {field: totals.get(field, 0) + value for field, value in summary.items()}
+        metadata = {
+            field: dg.MetadataValue.float(value) if isinstance(value, float) else dg.MetadataValue.int(value)
+            for field, value in totals.items()
+        }
+        return dg.Output(totals, metadata=metadata)
+
+    return prune_run_history
+
+
+def _prune_one(context: dg.OpExecutionContext, config: PruneConfig, run_history: RunHistoryResource) -> dict:
     policy = RetentionPolicy(
         success_seconds=(config.run_retention_hours or run_history.run_retention_hours) * HOUR,
         failure_seconds=(config.failed_run_retention_days or run_history.failed_run_retention_days) * 24 * HOUR,
@@ -29,14 +49,9 @@ def prune_run_history(context: dg.OpExecutionContext, config: PruneConfig, run_h
     )
     started = time.perf_counter()
     result = prune(context.instance, run_history.job_names, run_history.asset, policy, time.time())
-    summary = {**dataclasses.asdict(result), "duration_seconds": round(time.perf_counter() - started, 3)}
     context.log.info(
-        f"rolled up {result.hours_rolled_up} hours; deleted {result.runs_deleted} successful and "
+        f"rolled up {result.hours_rolled_up} hours of {run_history.asset.to_user_string()}; deleted {result.runs_deleted} successful and "
         f"{result.failed_runs_deleted} failed runs of {', '.join(run_history.job_names)} ({policy.description}), "
         f"{result.bytes_removed / 2**20:.1f} MB of files; {result.failed_runs_kept} failed runs kept"
     )
-    metadata = {
-        key: dg.MetadataValue.float(value) if isinstance(value, float) else dg.MetadataValue.int(value)
-        for key, value in summary.items()
-    }
-    return dg.Output(summary, metadata=metadata)
+    return {**dataclasses.asdict(result), "duration_seconds": round(time.perf_counter() - started, 3)}
