@@ -97,7 +97,7 @@ def test_production_storage_block_starts_an_instance_on_postgresql(tmp_path, mon
         queue = instance.get_concurrency_config().run_queue_config
         assert queue.max_concurrent_runs == settings["concurrency"]["runs"]["max_concurrent_runs"]
         limits = {limit["key"]: limit["limit"] for limit in queue.tag_concurrency_limits}
-        assert limits == {"outbox_pipeline/embedded_clickhouse": 1, "outbox_pipeline/relay": 4, "dagster/backfill": 2}
+        assert limits == {"outbox_pipeline/embedded_clickhouse": 1, "outbox_pipeline/fleet": 1, "outbox_pipeline/relay": 4, "dagster/backfill": 2}
         # Pools are enforced when the queue launches a run, so a run that needs the chDB pool waits for it.
         pools = instance.get_concurrency_config().pool_config
         assert (pools.pool_granularity.value, pools.default_pool_limit) == ("run", 1)
@@ -115,3 +115,15 @@ def test_concurrency_uses_one_style_only():
     assert "run_coordinator" not in settings and "run_queue" not in settings
     production = yaml.safe_load(production_config_text())
     assert production["storage"]["postgres"]["postgres_db"]["db_name"] == {"env": "DAGSTER_PG_DB"}
+
+
+def test_no_run_limit_can_hold_the_fleet_s_run_in_the_queue():
+    runs = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())["concurrency"]["runs"]
+    limits = {limit["key"]: limit["limit"] for limit in runs["tag_concurrency_limits"]}
+    # Every relay follows in the fleet's one run, which carries none of the relay or backfill tags ...
+    from outbox_pipeline.definitions import defs
+
+    fleet_tags = defs.resolve_job_def("follow_outbox_fleet").tags
+    assert not {"outbox_pipeline/relay", "dagster/backfill"} & set(fleet_tags)
+    # ... and finds a slot even when one-off relay runs and replays fill their limits, beside a scheduled run or two.
+    assert runs["max_concurrent_runs"] >= limits["outbox_pipeline/relay"] + limits["dagster/backfill"] + limits["outbox_pipeline/fleet"] + 2
