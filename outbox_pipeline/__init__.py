@@ -15,8 +15,8 @@ Layers, each importing only those listed before it:
 from importlib import import_module
 
 _PUBLIC = {
-    "publish": "outbox_pipeline.producer.publish",
-    "publish_many": "outbox_pipeline.producer.publish",
+    "publish": "outbox_pipeline.producer.publishing",
+    "publish_many": "outbox_pipeline.producer.publishing",
     "OutboxEvent": "outbox_pipeline.producer.events",
     "RawEvent": "outbox_pipeline.producer.events",
     "OutboxRelay": "outbox_pipeline.orchestration.component",

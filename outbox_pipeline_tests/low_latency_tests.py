@@ -6,7 +6,7 @@ import dagster as dg
 from outbox_pipeline.definitions import build_resources
 from outbox_pipeline_tests.conftest import event_log_store
 from outbox_pipeline_tests.sensors_tests import evaluate, run_requests
-from outbox_pipeline_tests.support.default_relay import process_outbox_events, relay_low_latency
+from outbox_pipeline_tests.support.default_relay import relay_low_latency
 from outbox_pipeline_tests.support.relay_runs import publish_raw, run_relay
 
 
@@ -15,9 +15,14 @@ def test_low_latency_run_relays_events_committed_while_it_runs(relay_env, outbox
     publish_raw(url, 5, start=0)  # already waiting when the run starts
 
     def producer():
+        # The rounds start once the run has taken the first events: however long the run takes to start,
+        # they arrive while it runs.
+        deadline = time.monotonic() + 60
+        while outbox.counts().pending and time.monotonic() < deadline:
+            time.sleep(0.05)
         for round_ in range(1, 6):
-            time.sleep(0.3)
             publish_raw(url, 20, start=round_ * 100)
+            time.sleep(0.3)
 
     thread = threading.Thread(target=producer)
     thread.start()
@@ -25,7 +30,7 @@ def test_low_latency_run_relays_events_committed_while_it_runs(relay_env, outbox
         result = relay_low_latency.execute_in_process(
             instance=instance,
             resources=build_resources(),
-            run_config={"ops": {"relay_continuously": {"config": {"max_seconds": 3.0, "min_interval_seconds": 0.05}}}},
+            run_config={"ops": {"relay_continuously": {"config": {"max_seconds": 4.0, "min_interval_seconds": 0.05}}}},
         )
     thread.join()
     assert result.success
@@ -65,4 +70,4 @@ def test_sensor_keeps_one_low_latency_run_going_in_low_latency_mode(relay_env, m
     publish_raw(relay_env["OUTBOX_DATABASE_URL"], 1)
     with dg.instance_for_test() as instance:
         [request] = run_requests(evaluate(instance))
-        assert request.job_name == process_outbox_events.name
+        assert request.job_name == "follow_outbox_fleet"

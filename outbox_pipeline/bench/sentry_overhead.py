@@ -152,7 +152,7 @@ def publish_costs(database_url: str, sink_dsn: str) -> dict[str, tuple[float, ..
     """Microseconds per event (one call of PUBLISH_EVENTS events, PUBLISH_EVENTS calls of one event; best of
     PUBLISH_ROUNDS), and per call of the tracing check alone."""
     from outbox_pipeline.producer.events import RawEvent, outbox_rows
-    from outbox_pipeline.producer.publish import _max_event_bytes, _write_rows, publish_many
+    from outbox_pipeline.producer.publishing import _max_event_bytes, _write_rows, publish_many
     from outbox_pipeline.producer.tracing import current_span
 
     def events() -> list[RawEvent]:

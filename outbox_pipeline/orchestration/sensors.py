@@ -100,7 +100,7 @@ def build_pending_sensor(
 
 def low_latency_run_requests(
     instance: dg.DagsterInstance, jobs: list[dg.JobDefinition], interval: float
-) -> list[dg.RunRequest] | dg.SkipReason:
+) -> dg.SensorResult | dg.SkipReason:
     """One low-latency run per relay; a relay whose run is going (or backs off after failures) is skipped."""
     requests, skipped = [], []
     for job in jobs:
@@ -113,7 +113,7 @@ def low_latency_run_requests(
             requests.append(request)
         else:
             skipped.append(f"{job.name}: {request.skip_message}")
-    return requests or dg.SkipReason("; ".join(skipped))
+    return dg.SensorResult(run_requests=requests) if requests else dg.SkipReason("; ".join(skipped))
 
 
 def low_latency_run_request(

@@ -5,6 +5,6 @@ pydantic and psycopg.
 """
 
 from outbox_pipeline.producer.events import OutboxEvent, RawEvent
-from outbox_pipeline.producer.publish import publish, publish_many
+from outbox_pipeline.producer.publishing import publish, publish_many
 
 __all__ = ["OutboxEvent", "RawEvent", "publish", "publish_many"]

@@ -1,6 +1,6 @@
 """Sentry's Queues module on the producer side: one ``queue.publish`` span per publish call.
 
-When :func:`~outbox_pipeline.producer.publish.publish` runs inside a sampled Sentry
+When :func:`~outbox_pipeline.producer.publishing.publish` runs inside a sampled Sentry
 transaction (a Django request, a Celery task, …), the call is wrapped in a span
 with op ``queue.publish`` and the data Sentry's Queues module reads, and the
 span's ``sentry-trace`` and ``baggage`` headers are stored with each event of the

@@ -380,7 +380,7 @@ def test_dagster_dev_sensor_relays_events_and_a_backfill_replays_two_days(dagste
     for run in relay_runs:
         tags = {tag["key"]: tag["value"] for tag in run["tags"]}
         assert tags.get("dagster/sensor_name") == "outbox_pending_sensor"
-        assert tags.get("outbox_pipeline/relay") == "fleet"
+        assert tags.get("outbox_pipeline/fleet") == "true"
 
     # No run is active now and nothing is pending, so the sensor launches nothing: chDB is free to open.
     status = json.loads(stack.outbox_pipeline("status", "--json").stdout)

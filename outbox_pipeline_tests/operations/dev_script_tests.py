@@ -77,7 +77,7 @@ def test_stopping_scripts_dev_stops_what_it_started(dev_dirs, stop_signal):
     try:
         stack.wait_for("the code location to load", lambda: location_loaded(stack), timeout=180)
         # Events flow: the sensor has launched a relay run through the daemon.
-        stack.wait_for("a relay run launched by the sensor", lambda: stack.runs(pipelineName="process_outbox_events"), timeout=120)
+        stack.wait_for("a relay run launched by the sensor", lambda: stack.runs(pipelineName="follow_outbox_fleet"), timeout=120)
         postgres = embedded_postgres_pid(state_dir)
         assert postgres is not None and psutil.pid_exists(postgres)
         started = processes_started_for(state_dir)

@@ -19,8 +19,8 @@ import pytest
 import sentry_sdk
 
 from outbox_pipeline.config.errors import SchemaMissingError, SchemaOutdatedError, StoreUnavailableError
-from outbox_pipeline.producer import publish as producer
 from outbox_pipeline.producer import publish_many
+from outbox_pipeline.producer import publishing as producer
 from outbox_pipeline.producer.events import RawEvent
 from outbox_pipeline.relay.delivery import Relay, RelayPolicy
 from outbox_pipeline.relay.retrying import BackoffPolicy

@@ -69,3 +69,18 @@ def relay_asset_events(
         freshness_outcome(counts, max_lag_seconds).evaluation(asset_key, FRESHNESS_CHECK),
         duplicates_outcome(rows, distinct, scope).evaluation(asset_key, DUPLICATES_CHECK),
     ]
+
+
+def window_asset_events(
+    asset_key: dg.AssetKey, window, *, description: str, counts: OutboxCounts, max_lag_seconds: float, event_log: EventLogStore
+) -> list:
+    """A following run's window (a ``following.Period``) as the asset's materialization and checks' evaluations."""
+    metadata = relay_metadata(
+        events_loaded=window.events_loaded, events_rejected=window.events_rejected, batches=window.batches,
+        batches_released=0, seconds=window.seconds, counts=counts,
+    )
+    metadata["drains"] = dg.MetadataValue.int(window.drains)
+    return relay_asset_events(
+        asset_key, metadata, description=description, counts=counts, max_lag_seconds=max_lag_seconds,
+        event_log=event_log, loaded_since=window.started_at,
+    )

@@ -18,7 +18,7 @@ import dagster as dg
 from outbox_pipeline.monitoring.relay_report import one_line
 from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor
 from outbox_pipeline.orchestration.hooks import report_relay_failure
-from outbox_pipeline.orchestration.ops.event_log_events import relay_asset_events, relay_metadata
+from outbox_pipeline.orchestration.ops.event_log_events import window_asset_events
 from outbox_pipeline.orchestration.ops.follow_ops import (
     ENDED_QUEUED_RUN,
     FollowConfig,
@@ -101,17 +101,10 @@ class FleetRelay:
             clickhouse.release()
 
     def _window_events(self, window: Period, relay: Relay) -> list:
-        counts = self.outbox.store().counts(include_processed=False)
-        metadata = relay_metadata(
-            events_loaded=window.events_loaded, events_rejected=window.events_rejected, batches=window.batches,
-            batches_released=0, seconds=window.seconds, counts=counts,
-        )
-        metadata["drains"] = dg.MetadataValue.int(window.drains)
-        return relay_asset_events(
-            self.clickhouse.asset, metadata,
-            description=f"{window.events_loaded} events loaded by the fleet's run (relay {self.name})",
-            counts=counts, max_lag_seconds=self.outbox.freshness_max_lag_seconds, event_log=relay.event_log,
-            loaded_since=window.started_at,
+        return window_asset_events(
+            self.clickhouse.asset, window, description=f"{window.events_loaded} events loaded by the fleet's run (relay {self.name})",
+            counts=self.outbox.store().counts(include_processed=False), max_lag_seconds=self.outbox.freshness_max_lag_seconds,
+            event_log=relay.event_log,
         )
 
 

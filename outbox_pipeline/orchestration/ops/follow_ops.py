@@ -17,7 +17,7 @@ from pydantic import Field
 
 from outbox_pipeline.config.errors import StoreBusyError
 from outbox_pipeline.monitoring.run_monitor import RelayRunMonitor
-from outbox_pipeline.orchestration.ops.event_log_events import relay_asset_events, relay_metadata
+from outbox_pipeline.orchestration.ops.event_log_events import window_asset_events
 from outbox_pipeline.orchestration.ops.relay_ops import build_relay, connect_event_log
 from outbox_pipeline.orchestration.resources import ClickHouseResource, OutboxDatabaseResource
 from outbox_pipeline.orchestration.run_limits import clickhouse_run_tags, shared_ops_pool
@@ -139,18 +139,12 @@ def follow_outbox(
         return None
 
     def window_events(window: Period) -> list:
-        counts = outbox.store().counts(include_processed=False)
-        metadata = relay_metadata(
-            events_loaded=window.events_loaded, events_rejected=window.events_rejected, batches=window.batches,
-            batches_released=0, seconds=window.seconds, counts=counts,
-        )
-        metadata["drains"] = dg.MetadataValue.int(window.drains)
-        return relay_asset_events(
-            clickhouse.asset, metadata,
+        return window_asset_events(
+            clickhouse.asset, window,
             description=f"{window.events_loaded} events loaded from {_utc(window.started_at)} to {_utc(window.ended_at)} UTC "
             "while following the stream",
-            counts=counts, max_lag_seconds=outbox.freshness_max_lag_seconds, event_log=destination.event_log(),
-            loaded_since=window.started_at,
+            counts=outbox.store().counts(include_processed=False), max_lag_seconds=outbox.freshness_max_lag_seconds,
+            event_log=destination.event_log(),
         )
 
     destination = SharedClickHouse(clickhouse, relay)
