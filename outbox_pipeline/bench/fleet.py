@@ -30,13 +30,14 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import psutil
 import psycopg
 
 from outbox_pipeline.bench.latency import produce
-from outbox_pipeline.bench.steady import ENVIRONMENT, Stack, StackCpu, _directory_bytes, counts, latency
+from outbox_pipeline.bench.steady import ENVIRONMENT, PROJECT_ROOT, Stack, StackCpu, _directory_bytes, counts, latency
 
 SECOND_OUTBOX_VARIABLE = "OUTBOX_BENCH_SECOND_DATABASE_URL"
 LOCATION_MODULE = '''"""The benchmark's code location: the default relay and {components} OutboxRelay components."""
@@ -98,7 +99,7 @@ class FleetResult:
 
 
 class RunWorkers(threading.Thread):
-    """Samples the stack's run workers (``dagster api execute_run``) every ``every`` seconds."""
+    """Samples the stack's run workers every ``every`` seconds: their number and their RSS in total."""
 
     def __init__(self, cpu: StackCpu, every: float = 2.0):
         super().__init__(daemon=True)
@@ -112,7 +113,8 @@ class RunWorkers(threading.Thread):
             for pid in self.cpu.pids():
                 with contextlib.suppress(psutil.Error):
                     process = psutil.Process(pid)
-                    if "execute_run" in " ".join(process.cmdline()):
+                    # The code server starts each run worker as a multiprocessing child ("dagster api execute_run" elsewhere).
+                    if any(mark in " ".join(process.cmdline()) for mark in ("multiprocessing.spawn", "execute_run")):
                         count += 1
                         rss += process.memory_info().rss
             self.max_count, self.max_rss = max(self.max_count, count), max(self.max_rss, rss)
@@ -123,7 +125,7 @@ def clickhouse_http_server(path: Path):
     """The test suite's chDB-backed HTTP server in a process of its own; yields its URL."""
     process = subprocess.Popen(
         [sys.executable, "-m", "outbox_pipeline_tests.support.clickhouse_http_server", "--path", str(path), "--stop-on-stdin-eof"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=PROJECT_ROOT,
     )
     try:
         line = process.stdout.readline().strip()
@@ -139,10 +141,12 @@ def _second_outbox(stack: Stack) -> None:
     url = stack.database_url
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CREATE DATABASE outbox_b")
-    second = url.rsplit("/", 1)[0] + "/outbox_b"
+    second = urllib.parse.urlunsplit(urllib.parse.urlsplit(url)._replace(path="/outbox_b"))
     stack.env[SECOND_OUTBOX_VARIABLE] = second
-    subprocess.run([str(Path(sys.executable).parent / "outbox-pipeline"), "init"], env={**stack.env, "OUTBOX_DATABASE_URL": second},
-                   check=True, capture_output=True, timeout=180)
+    init = subprocess.run([str(Path(sys.executable).parent / "outbox-pipeline"), "init"], env={**stack.env, "OUTBOX_DATABASE_URL": second},
+                          capture_output=True, text=True, timeout=180)
+    if init.returncode != 0:
+        raise RuntimeError(f"outbox-pipeline init of the second outbox failed: {init.stderr.strip()[-2000:]}")
 
 
 def measure_fleet(relays: int, rate: float, *, warmup: float, measure: float, idle: float, http: bool, log) -> FleetResult:

@@ -54,7 +54,7 @@ from outbox_pipeline.stores.clickhouse_connection import clickhouse_client
 from outbox_pipeline.stores.embedded_postgres import running_embedded_postgres_url
 
 BIN = Path(sys.executable).parent
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ENVIRONMENT = "steady-bench"
 WORKSPACE = """load_from:
   - python_module:
