@@ -39,3 +39,7 @@ class EventRejectedError(OutboxPipelineError, ValueError):
 
 class RetriesExhaustedError(StoreUnavailableError):
     """A transient error persisted through every retry attempt."""
+
+
+class LeaseLostError(OutboxPipelineError):
+    """Another run took the batch over: this one stops sending it (never retried)."""

@@ -13,6 +13,7 @@ or ``outbox_<relay>`` / ``clickhouse_<relay>``.
 """
 
 import dataclasses
+import datetime as dt
 
 import dagster as dg
 from pydantic import Field
@@ -23,6 +24,7 @@ from outbox_pipeline.stores.reporting import OutboxCounts
 
 FRESHNESS_CHECK = "freshness"
 DUPLICATES_CHECK = "no_duplicates"
+COMPLETENESS_CHECK = "complete"
 
 
 def resource_keys(instance: RelayInstance) -> tuple[str, str]:
@@ -106,6 +108,29 @@ def duplicates_outcome(rows: int, distinct: int, scope: str | None = None) -> Ch
     return CheckOutcome(passed=rows == distinct, severity=dg.AssetCheckSeverity.ERROR, description=described, metadata=metadata)
 
 
+def completeness_outcome(delivered: dict[dt.date, int], present: dict[dt.date, int], since: dt.date) -> CheckOutcome:
+    """Each day's events the relay delivered against the distinct event_ids of its types in its table."""
+    missing = {day: count - present.get(day, 0) for day, count in sorted(delivered.items()) if present.get(day, 0) < count}
+    days = sorted(delivered)
+    described = (
+        f"{sum(missing.values())} delivered events missing from ClickHouse on "
+        + ", ".join(f"{day.isoformat()} ({count})" for day, count in missing.items())
+        + ": replay those days (replay_outbox_events)"
+        if missing else f"every delivered event is in ClickHouse, {len(days)} days from {since.isoformat()}"
+    )
+    return CheckOutcome(
+        passed=not missing,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=described,
+        metadata={
+            "days_checked": dg.MetadataValue.int(len(days)),
+            "events_delivered": dg.MetadataValue.int(sum(delivered.values())),
+            "events_missing": dg.MetadataValue.int(sum(missing.values())),
+            "days_missing_events": dg.MetadataValue.text(", ".join(day.isoformat() for day in missing) or "none"),
+        },
+    )
+
+
 def build_event_log_checks(instance: RelayInstance) -> list[dg.AssetChecksDefinition]:
     outbox_key, clickhouse_key = resource_keys(instance)
     default_max_lag = instance.settings.freshness_max_lag_seconds
@@ -136,4 +161,24 @@ def build_event_log_checks(instance: RelayInstance) -> list[dg.AssetChecksDefini
         rows, distinct = getattr(context.resources, clickhouse_key).store().counts()
         return duplicates_outcome(rows, distinct).result()
 
-    return [freshness, no_duplicates]
+    @dg.asset_check(
+        asset=instance.asset_key,
+        name=COMPLETENESS_CHECK,
+        description=(
+            "Every event the relay delivered is in ClickHouse: per day of event_date_time, the table holds at least as "
+            "many distinct event_ids of the relay's types as PostgreSQL counts delivered events (a dropped partition, "
+            "a mutation or a replica that lost rows shows as a day to replay). Covers the days the outbox still holds."
+        ),
+        required_resource_keys={outbox_key, clickhouse_key},
+        pool=clickhouse_pool(instance.uses_chdb),
+    )
+    def complete(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        outbox = getattr(context.resources, outbox_key)
+        # Retention deletes a day's oldest events first: the day at its cutoff is left out.
+        since = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=outbox.retention_days - 1)
+        with outbox.short_lived_store() as store:
+            delivered = store.delivered_per_day(since)
+        present = getattr(context.resources, clickhouse_key).store().distinct_per_day(since, instance.identity.like_patterns)
+        return completeness_outcome(delivered, present, since).result()
+
+    return [freshness, no_duplicates, complete]

@@ -28,11 +28,12 @@ from collections.abc import Callable, Iterator
 
 import psycopg
 
-from outbox_pipeline.config.errors import OutboxPipelineError, one_line
+from outbox_pipeline.config.errors import LeaseLostError, OutboxPipelineError, one_line
 from outbox_pipeline.config.settings import RelaySettings
 from outbox_pipeline.relay.memory import return_large_buffers_to_the_system
 from outbox_pipeline.relay.prefetch import BatchPrefetcher, InsertedAhead, ReadAhead
 from outbox_pipeline.relay.retrying import BackoffPolicy, RetryCallback, RetryNotice, call_postgres_with_retries, call_with_retries
+from outbox_pipeline.relay.second_sends import send_missing, sent_before
 from outbox_pipeline.stores.batches import ends_backlog
 from outbox_pipeline.stores.clickhouse_connection import ErrorKind, classify_clickhouse_error
 from outbox_pipeline.stores.event_log_store import EventLogStore
@@ -162,6 +163,8 @@ class Relay:
                 inserts += 1
                 whole_batch = (start, stop) == (0, handle.row_count)
                 self._insert_block(handle, start, stop, ahead if whole_batch else None)
+            except LeaseLostError:
+                return LoadResult(handle.batch_id, handle.kind, handle.row_count, 0, (), inserts, time.perf_counter() - started, lease_lost=True)
             except Exception as exc:
                 if classify_clickhouse_error(exc) is not ErrorKind.REJECTED_DATA:
                     raise
@@ -273,14 +276,28 @@ class Relay:
         token = handle.deduplication_token(start, stop)
         firsts = [ahead] if ahead is not None else []
         source = _Source()
+        # Only a first send goes blind; every other one sends what ClickHouse does not hold (second_sends.py).
+        again = [sent_before(handle, start, stop)]
+        attempts = [0]
 
         def attempt() -> None:
             source.failure = None
             first = firsts.pop() if firsts else None
             if isinstance(first, InsertedAhead):
+                again[0] = True  # sent ahead: a retry may find its rows landed
                 if first.error is not None:
                     raise first.error
                 return
+            if attempts[0] and not self._postgres("renewing the lease", lambda: self.outbox.renew_lease(handle, self.policy.lease_seconds)):
+                # Taken over while this run waited to retry: the batch is another run's now, this one must not send.
+                raise LeaseLostError(f"batch {handle.batch_id} was taken over by another run while this one waited to retry")
+            attempts[0] += 1
+            if again[0]:
+                if isinstance(first, ReadAhead):
+                    first.cancel()
+                send_missing(self.outbox, self.event_log, handle, start, stop, source.watch)
+                return
+            again[0] = True  # whatever happens to this attempt, its rows may have landed
             pieces = first.pieces() if first is not None else self.outbox.stream_block_csv(handle, start, stop)
             with contextlib.closing(source.watch(pieces)) as watched:
                 self.event_log.insert_csv(watched, deduplication_token=token)

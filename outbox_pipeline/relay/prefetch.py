@@ -294,8 +294,9 @@ class BatchPrefetcher:
     # -- the reader ----------------------------------------------------------------------
 
     def _start_read(self, handle: BatchHandle) -> None:
-        # Only a whole, never-split range batch is read ahead: that is the common case.
-        if handle.split_points or handle.kind != "range":
+        # Only a whole, never-split range batch claimed for the first time is read ahead: the common case.
+        # Any other may be in ClickHouse already, and its step sends only what is missing (second_sends.py).
+        if handle.split_points or handle.kind != "range" or handle.claim_count > 1:
             return
         read = ReadAhead(self._max_pieces)
         self._reads[handle.batch_id] = read

@@ -10,7 +10,7 @@ from typing import Protocol, TypeVar
 
 import psycopg
 
-from outbox_pipeline.config.errors import RetriesExhaustedError, SchemaMissingError, StoreBusyError, one_line
+from outbox_pipeline.config.errors import LeaseLostError, RetriesExhaustedError, SchemaMissingError, StoreBusyError, one_line
 from outbox_pipeline.stores.clickhouse_connection import ErrorKind, classify_clickhouse_error
 
 T = TypeVar("T")
@@ -64,7 +64,7 @@ def is_transient_postgres_error(exc: BaseException) -> bool:
 
 
 def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, SchemaMissingError):
+    if isinstance(exc, (SchemaMissingError, LeaseLostError)):
         return False
     if isinstance(exc, StoreBusyError):
         return True

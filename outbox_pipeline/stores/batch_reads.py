@@ -6,8 +6,9 @@ slice of that range by position, as bisection splits it.
 
 from __future__ import annotations
 
+import datetime as dt
 import select
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import psycopg
 from psycopg import pq
@@ -124,9 +125,24 @@ def read_block_csv(conn: psycopg.Connection, handle: BatchHandle, start: int, st
     return copy_csv(conn, *_batch_rows_query(handle, SELECT_EVENT_COLUMNS, start, stop))
 
 
-def stream_block_csv(conn: psycopg.Connection, handle: BatchHandle, start: int, stop: int) -> Iterator[bytes]:
-    """``read_block_csv`` as a stream of pieces (see ``stream_csv``): the same bytes, never all in memory."""
-    return stream_csv(conn, *_batch_rows_query(handle, SELECT_EVENT_COLUMNS, start, stop))
+def stream_block_csv(
+    conn: psycopg.Connection, handle: BatchHandle, start: int, stop: int, without: Sequence[int] = ()
+) -> Iterator[bytes]:
+    """``read_block_csv`` as a stream of pieces (see ``stream_csv``): the same bytes, never all in memory.
+
+    ``without``: outbox ids of the block's rows to leave out (those ClickHouse holds already).
+    """
+    if not without:
+        return stream_csv(conn, *_batch_rows_query(handle, SELECT_EVENT_COLUMNS, start, stop))
+    inner, params = _batch_rows_query(handle, f"{SELECT_EVENT_COLUMNS}, o.id AS block_row_id", start, stop)
+    query = f"SELECT {', '.join(EVENT_COLUMNS)} FROM ({inner}) block WHERE block_row_id <> ALL(%s)"
+    return stream_csv(conn, query, (*params, list(without)))
+
+
+def read_block_keys(conn: psycopg.Connection, handle: BatchHandle, start: int, stop: int) -> list[tuple[int, str, dt.datetime]]:
+    """(outbox id, event_id, event_date_time) of rows ``start:stop``: what a second send looks up in ClickHouse."""
+    query, params = _batch_rows_query(handle, "o.id, o.event_id::text, o.event_date_time", start, stop)
+    return [(r[0], r[1], r[2]) for r in conn.execute(query, params).fetchall()]
 
 
 def read_block_identities(conn: psycopg.Connection, handle: BatchHandle, start: int, stop: int) -> list[tuple[int, str]]:

@@ -105,8 +105,12 @@ class EventLogStore:
         ``csv_block`` is the CSV, or an iterable of its pieces: the insert streams them
         (HTTP: a chunked request body; chDB: the file it inserts from) without joining them.
         """
-        if isinstance(csv_block, (bytes, bytearray)) and not csv_block:
-            return
+        if isinstance(csv_block, (bytes, bytearray)):
+            if not csv_block:
+                return
+            # Handed over as a stream, never as bytes: the HTTP driver sends a bytes body again by itself when
+            # the connection closes after the request, a blind second send. The relay decides on second sends.
+            csv_block = iter((bytes(csv_block),))
         self.client.raw_insert(
             self._table_sql,
             list(EVENT_COLUMNS),
@@ -141,6 +145,17 @@ class EventLogStore:
 
     def present_event_ids(self, day: dt.date, event_ids: list[str]) -> set[str]:
         """Which of these event_ids of one UTC day are in the table."""
+        start = dt.datetime.combine(day, dt.time(), dt.UTC)
+        return self.present_event_ids_between(event_ids, start, start + dt.timedelta(days=1), end_inclusive=False)
+
+    def present_event_ids_between(
+        self, event_ids: list[str], start: dt.datetime, end: dt.datetime, *, end_inclusive: bool = True
+    ) -> set[str]:
+        """Which of these event_ids, all with an event_date_time in [start, end], are in the table.
+
+        The time range (the sorting key's second column) and the bloom filter on event_id keep
+        the read to the granules that can hold them.
+        """
         if not event_ids:
             return set()
         # The ids go in the query body, not in URL parameters: thousands of them would pass URL limits.
@@ -148,11 +163,25 @@ class EventLogStore:
         result = self.client.query(
             f"SELECT DISTINCT toString(event_id) FROM {self._table_sql} "
             "WHERE event_date_time >= toDateTime64({start:String}, 6, 'UTC') "
-            "AND event_date_time < toDateTime64({end:String}, 6, 'UTC') "
+            f"AND event_date_time {'<=' if end_inclusive else '<'} toDateTime64({{end:String}}, 6, 'UTC') "
             f"AND event_id IN ({id_list})",
-            parameters={"start": day.isoformat(), "end": (day + dt.timedelta(days=1)).isoformat()},
+            parameters={"start": _utc_text(start), "end": _utc_text(end)},
         )
         return {row[0] for row in result.result_rows}
+
+    def distinct_per_day(self, since: dt.date, like_patterns: tuple[str, ...] = ()) -> dict[dt.date, int]:
+        """Per UTC day of event_date_time from ``since`` on: distinct event_ids (of the types matching the LIKE patterns)."""
+        parameters: dict = {"since": since.isoformat()}
+        type_filter = ""
+        if like_patterns:
+            parameters.update({f"p{n}": pattern for n, pattern in enumerate(like_patterns)})
+            type_filter = " AND (" + " OR ".join(f"event_type LIKE {{p{n}:String}}" for n in range(len(like_patterns))) + ")"
+        result = self.client.query(
+            f"SELECT toDate(event_date_time, 'UTC') AS day, uniqExact(event_id) FROM {self._table_sql} "
+            "WHERE event_date_time >= toDateTime64({since:String}, 6, 'UTC')" + type_filter + " GROUP BY day",
+            parameters=parameters,
+        )
+        return {day: int(count) for day, count in result.result_rows}
 
     def rows_for(self, event_ids: list[str]) -> list[dict]:
         result = self.client.query(
@@ -164,3 +193,7 @@ class EventLogStore:
 
     def truncate(self) -> None:
         self.client.command(f"TRUNCATE TABLE IF EXISTS {self._table_sql}")
+
+
+def _utc_text(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")

@@ -133,8 +133,11 @@ class OutboxStore:
     def read_block_csv(self, handle: BatchHandle, start: int, stop: int) -> bytearray:
         return batch_reads.read_block_csv(self.conn, handle, start, stop)
 
-    def stream_block_csv(self, handle: BatchHandle, start: int, stop: int) -> Iterator[bytes]:
-        return batch_reads.stream_block_csv(self.conn, handle, start, stop)
+    def stream_block_csv(self, handle: BatchHandle, start: int, stop: int, without: Sequence[int] = ()) -> Iterator[bytes]:
+        return batch_reads.stream_block_csv(self.conn, handle, start, stop, without)
+
+    def read_block_keys(self, handle: BatchHandle, start: int, stop: int) -> list[tuple[int, str, dt.datetime]]:
+        return batch_reads.read_block_keys(self.conn, handle, start, stop)
 
     def read_block_identities(self, handle: BatchHandle, start: int, stop: int) -> list[tuple[int, str]]:
         return batch_reads.read_block_identities(self.conn, handle, start, stop)
@@ -199,6 +202,9 @@ class OutboxStore:
 
     def delivery_states(self, outbox_ids: Sequence[int]) -> list[tuple[int, str, str]]:
         return replay_retention.delivery_states(self._relay_conn(), self.relay, outbox_ids)
+
+    def delivered_per_day(self, since: dt.date) -> dict[dt.date, int]:
+        return replay_retention.delivered_per_day(self._relay_conn(), self.relay, since)
 
     def events_csv(self, outbox_ids: Sequence[int]) -> bytes:
         return replay_retention.events_csv(self.conn, outbox_ids)

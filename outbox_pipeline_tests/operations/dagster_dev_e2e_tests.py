@@ -429,7 +429,7 @@ def test_dagster_dev_sensor_relays_events_and_a_backfill_replays_two_days(dagste
     check_run = client.submit_job_execution("check_event_log", repository_location_name=LOCATION, repository_name=REPOSITORY)
     stack.wait_for("the check run", lambda: client.get_run_status(check_run) in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE))
     assert client.get_run_status(check_run) == dg.DagsterRunStatus.SUCCESS
-    for check_name in ("freshness", "no_duplicates"):
+    for check_name in ("freshness", "no_duplicates", "complete"):
         executions = stack.graphql(CHECK_EXECUTIONS, name=check_name)["assetCheckExecutions"]
         [ours] = [execution for execution in executions if execution["runId"] == check_run]
         assert ours["status"] == "SUCCEEDED", ours

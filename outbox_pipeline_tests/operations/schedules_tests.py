@@ -72,6 +72,7 @@ def test_code_location_wires_jobs_schedules_sensor_asset_and_checks():
     assert {(key.asset_key, key.name) for key in check_keys} == {
         (dg.AssetKey("event_log"), "freshness"),
         (dg.AssetKey("event_log"), "no_duplicates"),
+        (dg.AssetKey("event_log"), "complete"),
     }
     replay = defs.resolve_job_def("replay_outbox_events")
     assert isinstance(replay.partitions_def, dg.DailyPartitionsDefinition)

@@ -123,10 +123,24 @@ def replay_day(
             continue
         to_insert = missing
         for round_number in range(1, MAX_INSERT_ROUNDS + 1):
-            csv_block = postgres("reading the missing events", lambda: outbox.events_csv([i for i, _ in to_insert]))
             event_ids = [event_id for _, event_id in to_insert]
-            token = replay_token(installation_id, day, event_ids, round_number)
-            clickhouse("inserting replayed events", lambda: event_log.insert_csv(csv_block, deduplication_token=token))
+            sent_once = [False]
+
+            def insert() -> None:
+                rows = to_insert
+                if sent_once[0]:
+                    # The last attempt's outcome is unknown (it may have landed): send only what is still missing,
+                    # whatever ClickHouse remembers of tokens.
+                    held = event_log.present_event_ids(day, [event_id for _, event_id in rows])
+                    rows = [(outbox_id, event_id) for outbox_id, event_id in rows if event_id not in held]
+                    if not rows:
+                        return
+                sent_once[0] = True
+                csv_block = postgres("reading the missing events", lambda: outbox.events_csv([i for i, _ in rows]))
+                token = replay_token(installation_id, day, [event_id for _, event_id in rows], round_number)
+                event_log.insert_csv(csv_block, deduplication_token=token)
+
+            clickhouse("inserting replayed events", insert)
             now_present = clickhouse("verifying the insert", lambda: event_log.present_event_ids(day, event_ids))
             to_insert = [(outbox_id, event_id) for outbox_id, event_id in to_insert if event_id not in now_present]
             if not to_insert:

@@ -1,0 +1,65 @@
+"""Sending a block again without a second copy, whatever ClickHouse remembers of insert tokens.
+
+A block of a batch may already be in ClickHouse when it is sent: the batch was retaken after
+its lease expired (its first owner may have inserted it before dying), an earlier attempt's
+outcome is unknown (the connection broke after ClickHouse executed the insert), or it is a
+half of a block that was split. ClickHouse's own insert deduplication covers that only while
+the table still holds the block's token: not with ``non_replicated_deduplication_window = 0``,
+not once a replicated table passed ``replicated_deduplication_window`` blocks or
+``replicated_deduplication_window_seconds``, not for a table recreated without the setting.
+
+So a block sent again first asks ClickHouse which of its event_ids it holds (its time range
+bounds the read; the table's bloom filter on event_id skips the rest) and sends only the
+others, under a token derived from what it sends: two senders that saw the same rows present
+send under one token, and ClickHouse keeps one copy while it remembers it. A first send costs
+what it always did: nothing is looked up.
+
+What is left: two senders of the same block at the same moment, where neither sees the
+other's rows yet. The lease rules that out for live runs, which renew it before every send
+and stop when it was taken over; a run frozen for longer than the lease between its renewal
+and its send is the remaining case, and the completeness check counts every day's events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+
+from outbox_pipeline.stores.batches import BatchHandle
+from outbox_pipeline.stores.event_log_store import EventLogStore
+from outbox_pipeline.stores.outbox_store import OutboxStore
+
+
+def sent_before(handle: BatchHandle, start: int, stop: int) -> bool:
+    """Whether rows start:stop may be in ClickHouse before this send: a retaken batch, or a block of a split one."""
+    return handle.claim_count > 1 or (start, stop) != (0, handle.row_count)
+
+
+def send_missing(
+    outbox: OutboxStore,
+    event_log: EventLogStore,
+    handle: BatchHandle,
+    start: int,
+    stop: int,
+    watch: Callable[[Iterator[bytes]], Iterator[bytes]] = lambda pieces: pieces,
+) -> int:
+    """Insert the rows of start:stop that ClickHouse does not hold; returns how many were sent."""
+    keys = outbox.read_block_keys(handle, start, stop)
+    if not keys:
+        return 0
+    present = event_log.present_event_ids_between(
+        [event_id for _, event_id, _ in keys], min(k[2] for k in keys), max(k[2] for k in keys)
+    )
+    held = sorted(outbox_id for outbox_id, event_id, _ in keys if event_id in present)
+    if len(held) == len(keys):
+        return 0
+    sent = sorted(outbox_id for outbox_id, event_id, _ in keys if event_id not in present)
+    digest = hashlib.sha256(",".join(map(str, sent)).encode()).hexdigest()[:24]
+    pieces = watch(outbox.stream_block_csv(handle, start, stop, without=held))
+    try:
+        event_log.insert_csv(pieces, deduplication_token=f"{handle.deduplication_token(start, stop)}-again-{digest}")
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()
+    return len(sent)
