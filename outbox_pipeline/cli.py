@@ -77,8 +77,24 @@ class _Stores:
 
 def cmd_init(stores: _Stores, args: argparse.Namespace) -> int:
     stores.outbox().migrate()
+    if args.roles:
+        from outbox_pipeline.stores.roles import create_roles
+
+        create_roles(stores.outbox().conn, args.producer_role, args.relay_role)
+        print(f"roles {args.producer_role} (publish only) and {args.relay_role} (the relay's jobs) ready")
     _clickhouse(stores, lambda: stores.event_log().migrate())
     print(f"outbox tables ready in PostgreSQL; event_log ready in ClickHouse ({_clickhouse_where(stores.settings)})")
+    return 0
+
+
+def cmd_grants(stores: _Stores, args: argparse.Namespace) -> int:
+    from outbox_pipeline.stores.roles import grant_statements
+
+    stores.outbox().check_schema()
+    for role in (args.producer_role, args.relay_role):
+        print(f'CREATE ROLE "{role}" NOLOGIN;')
+    for statement in grant_statements(stores.outbox().conn, args.producer_role, args.relay_role):
+        print(f"{statement};")
     return 0
 
 
@@ -219,7 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of unexpected errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("init", help="create the outbox and event_log tables (idempotent)").set_defaults(handler=cmd_init)
+    init = commands.add_parser("init", help="create the outbox and event_log tables (idempotent)")
+    init.add_argument("--roles", action="store_true", help="also create the producer and relay roles with least privileges")
+    grants = commands.add_parser("grants", help="print the statements that create the producer and relay roles")
+    for command in (init, grants):
+        command.add_argument("--producer-role", default="outbox_producer", help="may only INSERT into the outbox")
+        command.add_argument("--relay-role", default="outbox_relay", help="what the relay, replays and retention need")
+    init.set_defaults(handler=cmd_init)
+    grants.set_defaults(handler=cmd_grants)
 
     demo = commands.add_parser("demo", help="publish sample events through the producer API")
     demo.add_argument("--count", type=_positive_int, default=1_000, help="how many events (default 1000)")

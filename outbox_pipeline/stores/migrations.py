@@ -129,5 +129,11 @@ CREATE OR REPLACE TRIGGER outbox_notify_commit AFTER INSERT ON outbox
 
 
 def install_commit_notifications(conn: psycopg.Connection) -> None:
+    # Once installed (by the owner, say), a relay role without DDL rights finds it there.
+    installed = conn.execute(
+        "SELECT 1 FROM pg_trigger WHERE tgname = 'outbox_notify_commit' AND tgrelid = to_regclass('outbox')"
+    ).fetchone()
+    if installed:
+        return
     with conn.transaction():
         conn.execute(COMMIT_NOTIFICATIONS)
