@@ -4,6 +4,7 @@
     python -m outbox_pipeline.bench --sentry --events 100000 --events 1000000 [--repeat 3]
     python -m outbox_pipeline.bench --steady --rate 50 --rate 1000 [--warmup 60 --measure 240 --idle 60] [--baseline]
     python -m outbox_pipeline.bench --steady --relays 12 --rate 10 [--clickhouse-http] [--warmup 60 --measure 600 --idle 60]
+    python -m outbox_pipeline.bench --exactly-once --events 1000000 --events 10000000
 
 The first form is the backlog (backlog.py), the second Sentry's overhead (sentry_overhead.py),
 the third the steady state of the real `dagster dev` stack (steady.py), the fourth a fleet of relays beside
@@ -38,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         "--sentry", action="store_true",
         help="instead: relay throughput and publish cost with Sentry tracing off and on, side by side (bench/sentry_overhead.py)",
     )
+    parser.add_argument(
+        "--exactly-once", action="store_true",
+        help="instead: a batch sent again beside its first send, and the completeness check's reads (bench/exactly_once.py)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="with --sentry: relay runs per mode (the median is printed)")
     steady = parser.add_argument_group("steady state (the real dagster dev stack under a continuous stream)")
     steady.add_argument("--steady", action="store_true", help="measure the steady state instead of a backlog")
@@ -61,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_sentry_bench(args.events or [100_000], batch_size=args.batch_size, repeat=args.repeat,
                                 clickhouse_url=args.clickhouse_url)
+    if args.exactly_once:
+        from outbox_pipeline.bench.exactly_once import run_exactly_once_bench
+
+        return run_exactly_once_bench(args.events or [1_000_000], args.clickhouse_url)
     if args.steady and args.relays:
         from outbox_pipeline.bench.fleet import run_fleet_bench
 

@@ -48,23 +48,23 @@ _GENERATE_EVENTS = f"""
 INSERT INTO outbox (event_id, event_type, event_date_time, environment, event_context)
 SELECT gen_random_uuid(),
        (ARRAY['user_created', 'order_paid', 'order_shipped', 'payment_refunded'])[1 + n %% 4],
-       now() - make_interval(secs => n %% 86400),
+       now() - make_interval(secs => n %% %(spread)s),
        'bench',
        {_EVENT_CONTEXT}
-FROM generate_series(1, %s) AS n
+FROM generate_series(1, %(events)s) AS n
 """
 # The same events as published inside sampled Sentry transactions, 100 per request (bench/sentry_overhead.py).
 _GENERATE_TRACED_EVENTS = f"""
 INSERT INTO outbox (event_id, event_type, event_date_time, environment, event_context, sentry_trace, sentry_baggage)
 SELECT gen_random_uuid(),
        (ARRAY['user_created', 'order_paid', 'order_shipped', 'payment_refunded'])[1 + n %% 4],
-       now() - make_interval(secs => n %% 86400),
+       now() - make_interval(secs => n %% %(spread)s),
        'bench',
        {_EVENT_CONTEXT},
        md5((n / 100)::text) || '-' || left(md5(n::text), 16) || '-1',
        'sentry-trace_id=' || md5((n / 100)::text) || ',sentry-environment=bench,sentry-release=shop%%401.0,'
        || 'sentry-public_key=benchkey,sentry-transaction=POST%%20%%2Fcheckout,sentry-sample_rate=1.0,sentry-sampled=true'
-FROM generate_series(1, %s) AS n
+FROM generate_series(1, %(events)s) AS n
 """
 
 
@@ -83,10 +83,11 @@ def reset_stores(database_url: str, clickhouse_url: str) -> None:
             client.command(create_table_sql(table))
 
 
-def load_backlog(database_url: str, events: int, *, traced: bool = False) -> float:
+def load_backlog(database_url: str, events: int, *, traced: bool = False, days: int = 1) -> float:
+    """``events`` bench events, their event_date_time spread over the last ``days`` days."""
     started = time.perf_counter()
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(_GENERATE_TRACED_EVENTS if traced else _GENERATE_EVENTS, (events,))
+        conn.execute(_GENERATE_TRACED_EVENTS if traced else _GENERATE_EVENTS, {"events": events, "spread": days * 86400})
         conn.execute("VACUUM ANALYZE outbox")
     return time.perf_counter() - started
 

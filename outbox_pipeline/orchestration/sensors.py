@@ -8,6 +8,7 @@ import psycopg
 
 from outbox_pipeline.config.errors import OutboxPipelineError
 from outbox_pipeline.config.settings import RelaySettings
+from outbox_pipeline.orchestration.ops.fleet_ops import FLEET_RELAYS_TAG, FLEET_STOP_TAG
 from outbox_pipeline.orchestration.relay_instance import definition_name
 from outbox_pipeline.stores.postgres_connection import translate_postgres_error
 
@@ -69,7 +70,7 @@ def build_pending_sensor(
             return low_latency_run_requests(context.instance, low_latency_jobs, settings.sensor_interval_seconds)
         active = active_relay_run(context.instance, (fleet_job.name,))
         if active is not None:
-            return dg.SkipReason(f"relay run {active.dagster_run.run_id} is {active.dagster_run.status.value}")
+            return end_a_stale_fleet_run(context.instance, active.dagster_run, relay_names)
         remaining = failure_backoff_remaining(context.instance, settings.sensor_interval_seconds, time.time(), fleet_job.name)
         if remaining > 0:
             return dg.SkipReason(f"the last relay runs failed; next attempt in {remaining:.0f} s")
@@ -96,6 +97,15 @@ def build_pending_sensor(
         return dg.RunRequest(run_key=f"{work}/{last_run_id}", job_name=fleet_job.name, tags=tags)
 
     return outbox_pending_sensor
+
+
+def end_a_stale_fleet_run(instance: dg.DagsterInstance, run: dg.DagsterRun, relay_names: list[str]) -> dg.SkipReason:
+    """A fleet's run started before relays were added (or removed) follows the old set: ask it to end, so the next covers all."""
+    followed = run.tags.get(FLEET_RELAYS_TAG)
+    if followed is not None and followed != ",".join(relay_names) and not run.tags.get(FLEET_STOP_TAG):
+        instance.add_run_tags(run.run_id, {FLEET_STOP_TAG: "the code location's relays changed"})
+        return dg.SkipReason(f"relay run {run.run_id} follows {followed}; asked it to end for {', '.join(relay_names)}")
+    return dg.SkipReason(f"relay run {run.run_id} is {run.status.value}")
 
 
 def low_latency_run_requests(

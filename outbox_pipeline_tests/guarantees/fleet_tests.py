@@ -207,3 +207,38 @@ def test_checks_and_run_history_are_one_run_per_tick_for_the_whole_fleet(relay_e
     assert instance.get_run_by_id(fleet_run.run_id) is None
     assert instance.get_run_by_id(checks.run_id) is None
     assert all(instance.get_run_by_id(run.run_id) is not None for run in (later_fleet_run, later_checks, pruned))
+
+
+def test_a_relay_added_while_the_fleet_follows_is_followed_within_seconds(relay_env, second_outbox):
+    instance = dg.DagsterInstance.ephemeral()
+    before = fleet_location([component("orders", "a", "order_paid", "orders_event_log")])
+    outcome = {}
+    running = threading.Thread(target=lambda: outcome.update(result=run_fleet(before, instance, quiet_seconds=60.0)))
+    running.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not instance.get_runs(dg.RunsFilter(job_name="follow_outbox_fleet", statuses=[dg.DagsterRunStatus.STARTED])):
+            assert time.monotonic() < deadline, "the fleet's run never started"
+            time.sleep(0.1)
+        # The code location reloads with one more relay; its sensor finds the running fleet following the old set.
+        after = fleet_location([component("orders", "a", "order_paid", "orders_event_log"), component("billing", "b", "invoice_sent", "billing_event_log")])
+        publish_raw(second_outbox, 10, event_type="invoice_sent")
+        sensor = after.resolve_sensor_def("outbox_pending_sensor")
+        outboxes = {key: resource for key, resource in after.resources.items() if key.startswith("outbox")}
+        asked_at = time.monotonic()
+        with dg.build_sensor_context(instance=instance, definitions=after, resources=outboxes) as context:
+            skipped = sensor(context)
+        assert isinstance(skipped, dg.SkipReason) and "asked it to end" in skipped.skip_message
+        running.join(timeout=60)
+        assert time.monotonic() - asked_at < 15  # not the 60 s it would have followed on
+    finally:
+        running.join(timeout=120)
+    ended = outcome["result"]
+    assert ended.success
+    assert ended.output_for_node("follow_fleet") and "billing" not in ended.output_for_node("follow_fleet")
+    # The next tick starts a fleet's run that follows the new relay too.
+    with dg.build_sensor_context(instance=instance, definitions=after, resources=outboxes) as context:
+        request = sensor(context)
+    assert isinstance(request, dg.RunRequest) and request.job_name == "follow_outbox_fleet"
+    assert run_fleet(after, instance, follow_seconds=0).success
+    assert delivery(relay_env["CLICKHOUSE_URL"], "billing_event_log")[:2] == (10, 10)

@@ -34,6 +34,10 @@ from outbox_pipeline.relay.fleet import ENDED_STOPPED, Fleet, FleetMember
 from outbox_pipeline.relay.following import Follower, FollowLimits, Period
 
 FLEET_JOB = "follow_outbox_fleet"
+# The relays a fleet's run follows (written as it starts), and a request to end it (from the sensor,
+# whose code location knows of relays added since the run started).
+FLEET_RELAYS_TAG = "outbox_pipeline/fleet_relays"
+FLEET_STOP_TAG = "outbox_pipeline/fleet_stop"
 
 
 def member_resource_keys(relay_name: str) -> tuple[str, str, str]:
@@ -131,8 +135,13 @@ def build_follow_fleet_op(relay_names: list[str]) -> dg.OpDefinition:
         embedded = any(relay.clickhouse.is_embedded for relay in relays)
 
         def should_stop() -> str | None:
+            asked = (context.instance.get_run_by_id(context.run_id) or context.dagster_run).tags.get(FLEET_STOP_TAG)
+            if asked:
+                return asked
             # One process at a time can open the embedded ClickHouse: a run queued for it must not wait for this one.
             return ENDED_QUEUED_RUN if embedded and runs_waiting_for_embedded_clickhouse(context.instance) else None
+
+        context.instance.add_run_tags(context.run_id, {FLEET_RELAYS_TAG: ",".join(relay_names)})
 
         fleet = Fleet(
             [FleetMember(relay.name, lambda stop, touch, relay=relay: relay.follow(limits, stop, touch)) for relay in relays],
