@@ -1,5 +1,5 @@
 """What the code location's relays share: one job that follows every relay and the one sensor that starts it,
-one check run and one prune run per tick for all of them.
+one lag sensor, and one check run and one prune run per tick for all of them.
 
 A following run per relay would hold a run slot and a resident process per relay, and run
 limits would make some relays wait behind the others for as long as a run follows. The
@@ -11,6 +11,7 @@ import dagster as dg
 
 from outbox_pipeline.config.settings import RelaySettings
 from outbox_pipeline.orchestration.hooks import sentry_on_failure
+from outbox_pipeline.orchestration.lag_sensor import build_lag_sensor
 from outbox_pipeline.orchestration.ops.fleet_ops import FLEET_JOB, build_follow_fleet_op
 from outbox_pipeline.orchestration.ops.run_history_ops import build_prune_op
 from outbox_pipeline.orchestration.relay_instance import DEFAULT_RELAY, definition_name
@@ -55,7 +56,7 @@ def build_fleet_defs(relays: dg.Definitions, settings: RelaySettings) -> dg.Defi
     return dg.Definitions(
         jobs=[follow_outbox_fleet, checks.job, prune.job],
         schedules=[checks, prune],
-        sensors=[build_pending_sensor(settings, names, follow_outbox_fleet, low_latency_jobs)],
+        sensors=[build_pending_sensor(settings, names, follow_outbox_fleet, low_latency_jobs), build_lag_sensor(settings, names)],
     )
 
 

@@ -14,8 +14,8 @@ nothing is pending sends the relay's cron monitor a heartbeat (see crons).
 Settings: ``OUTBOX_LAG_WARNING_SECONDS`` (300), ``OUTBOX_LAG_ERROR_SECONDS``
 (900), ``OUTBOX_QUEUE_WARNING_SIZE`` (100000), ``OUTBOX_QUEUE_ERROR_SIZE``
 (1000000), ``OUTBOX_LAG_SENSOR_INTERVAL_SECONDS`` (60),
-``OUTBOX_LAG_SENSOR_ENABLED`` (true). Each relay of the code location has a lag
-sensor of its own (``outbox_lag_sensor_<relay>``).
+``OUTBOX_LAG_SENSOR_ENABLED`` (true). One sensor watches every relay of the code
+location, each relay with an incident of its own (tagged ``outbox.relay``).
 """
 
 import dataclasses
@@ -33,8 +33,7 @@ from outbox_pipeline.config.settings import RelaySettings
 from outbox_pipeline.monitoring.crons import CronMonitor
 from outbox_pipeline.monitoring.relay_report import RELAY_JOB, metric_attributes
 from outbox_pipeline.monitoring.sentry_setup import flush_sentry, fresh_scope, init_sentry
-from outbox_pipeline.orchestration.assets import resource_keys
-from outbox_pipeline.orchestration.relay_instance import RelayInstance
+from outbox_pipeline.orchestration.relay_instance import DEFAULT_RELAY, definition_name
 from outbox_pipeline.stores.outbox_store import OutboxCounts
 from outbox_pipeline.stores.postgres_connection import translate_postgres_error
 
@@ -134,7 +133,7 @@ def send_lag_report(
     with fresh_scope() as scope:
         scope.set_tag("outbox.lag_level", "ok" if report.kind == "recovered" else report.kind)
         scope.set_tag("outbox.incident", report.incident)
-        scope.set_tag("dagster.sensor", SENSOR_NAME if relay_name == "default" else f"{SENSOR_NAME}_{relay_name}")
+        scope.set_tag("dagster.sensor", SENSOR_NAME)
         scope.set_tag("dagster.job", relay_job)
         scope.set_tag("outbox.relay", relay_name)
         scope.set_context(
@@ -203,34 +202,53 @@ def check_lag(
     return new_state, summary
 
 
-def build_lag_sensor(instance: RelayInstance) -> dg.SensorDefinition:
-    settings = instance.settings
-    outbox_key, _ = resource_keys(instance)
-    relay_job = instance.named(RELAY_JOB)
+def states_from_cursor(cursor: str | None, relay_names: list[str]) -> dict[str, LagState]:
+    """Each relay's state; a cursor of one relay's state (as one relay's sensor kept it) is the default relay's."""
+    try:
+        data = json.loads(cursor) if cursor else {}
+    except ValueError:
+        data = {}
+    if not isinstance(data, dict) or "level" in data:
+        data = {DEFAULT_RELAY: data}
+    return {name: LagState.from_cursor(json.dumps(data[name]) if isinstance(data.get(name), dict) else None) for name in relay_names}
+
+
+def build_lag_sensor(settings: RelaySettings, relay_names: list[str]) -> dg.SensorDefinition:
+    """One sensor for every relay of the code location, each relay's incident kept apart in the cursor."""
+    outbox_keys = {name: definition_name("outbox", name) for name in relay_names}
 
     @dg.sensor(
-        name=instance.named(SENSOR_NAME),
+        name=SENSOR_NAME,
         minimum_interval_seconds=settings.lag_sensor_interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING if settings.lag_sensor_enabled else dg.DefaultSensorStatus.STOPPED,
-        required_resource_keys={outbox_key},
+        required_resource_keys=set(outbox_keys.values()),
         description=(
-            f"Reports to Sentry when the oldest pending event or the queue size of relay {instance.name} passes its "
-            "threshold, and the recovery."
+            f"Reports to Sentry when the oldest pending event or the queue size of a relay ({', '.join(relay_names)}) "
+            "passes its threshold, and the recovery: one incident per relay."
         ),
     )
     def outbox_lag_sensor(context: dg.SensorEvaluationContext, **_resources):
         # (Called directly, a sensor also receives its resources as keyword arguments.)
-        state = LagState.from_cursor(context.cursor)
-        outbox = getattr(context.resources, outbox_key)
-        try:
-            with outbox.short_lived_store() as store:
-                counts = store.counts(include_processed=False)
-        except psycopg.Error as exc:
-            # The incident state is kept: the next tick that reads the outbox goes on from it.
-            return dg.SkipReason(f"outbox unavailable: {translate_postgres_error(exc, outbox.url or 'embedded')}")
-        except OutboxPipelineError as exc:
-            return dg.SkipReason(f"outbox unavailable: {exc}")
-        new_state, summary = check_lag(state, counts, settings, time.time(), relay_job=relay_job, relay_name=instance.name)
-        return dg.SensorResult(skip_reason=summary, cursor=new_state.to_cursor())
+        states = states_from_cursor(context.cursor, relay_names)
+        summaries, read = [], 0
+        for name, key in outbox_keys.items():
+            outbox = getattr(context.resources, key)
+            try:
+                with outbox.short_lived_store() as store:
+                    counts = store.counts(include_processed=False)
+            except (psycopg.Error, OutboxPipelineError) as exc:
+                # The relay's incident state is kept: the next tick that reads its outbox goes on from it.
+                problem = translate_postgres_error(exc, outbox.url or "embedded") if isinstance(exc, psycopg.Error) else exc
+                summaries.append(f"{name}: outbox unavailable: {problem}")
+                continue
+            read += 1
+            states[name], summary = check_lag(
+                states[name], counts, settings, time.time(), relay_job=definition_name(RELAY_JOB, name), relay_name=name
+            )
+            summaries.append(summary if len(relay_names) == 1 else f"{name}: {summary}")
+        if not read:
+            return dg.SkipReason("; ".join(summaries))
+        cursor = json.dumps({name: json.loads(state.to_cursor()) for name, state in states.items()}, sort_keys=True)
+        return dg.SensorResult(skip_reason="; ".join(summaries), cursor=cursor)
 
     return outbox_lag_sensor

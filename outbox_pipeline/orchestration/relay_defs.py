@@ -8,7 +8,6 @@ from outbox_pipeline.config.settings import RelaySettings
 from outbox_pipeline.monitoring.run_monitor import RELAY_JOB, RelayRunMonitor
 from outbox_pipeline.orchestration.assets import build_event_log_checks, event_log_spec, resource_keys
 from outbox_pipeline.orchestration.jobs import RELAY_TAG, build_jobs, pruned_job_names
-from outbox_pipeline.orchestration.lag_sensor import build_lag_sensor
 from outbox_pipeline.orchestration.ops.fleet_ops import FLEET_JOB, member_resource_keys
 from outbox_pipeline.orchestration.relay_instance import RelayInstance
 from outbox_pipeline.orchestration.resources import ClickHouseResource, OutboxDatabaseResource, RunHistoryResource
@@ -77,7 +76,6 @@ def build_relay_defs(instance: RelayInstance) -> dg.Definitions:
         assets=[event_log_spec(instance)],
         asset_checks=build_event_log_checks(instance),
         jobs=jobs.all(),
-        sensors=[build_lag_sensor(instance)],
         schedules=build_schedules(instance, jobs),
         resources=location_resources,
     )

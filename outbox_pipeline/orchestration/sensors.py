@@ -10,7 +10,9 @@ from outbox_pipeline.config.errors import OutboxPipelineError
 from outbox_pipeline.config.settings import RelaySettings
 from outbox_pipeline.orchestration.ops.fleet_ops import FLEET_RELAYS_TAG, FLEET_STOP_TAG
 from outbox_pipeline.orchestration.relay_instance import definition_name
-from outbox_pipeline.stores.postgres_connection import translate_postgres_error
+from outbox_pipeline.orchestration.resources import OutboxDatabaseResource
+from outbox_pipeline.stores.outbox_store import OutboxStore
+from outbox_pipeline.stores.postgres_connection import connect_postgres, translate_postgres_error
 
 ACTIVE_STATUSES = [
     dg.DagsterRunStatus.QUEUED,
@@ -74,17 +76,7 @@ def build_pending_sensor(
         remaining = failure_backoff_remaining(context.instance, settings.sensor_interval_seconds, time.time(), fleet_job.name)
         if remaining > 0:
             return dg.SkipReason(f"the last relay runs failed; next attempt in {remaining:.0f} s")
-        pending, unavailable = [], []
-        for name, key in outbox_keys.items():
-            outbox = getattr(context.resources, key)
-            try:
-                with outbox.short_lived_store() as store:
-                    if store.has_pending_work():
-                        pending.append(f"{name}:{store.pending_work_fingerprint()}")
-            except psycopg.Error as exc:
-                unavailable.append(f"{name}: {translate_postgres_error(exc, outbox.url or 'embedded')}")
-            except OutboxPipelineError as exc:
-                unavailable.append(f"{name}: {exc}")
+        pending, unavailable = pending_work({name: getattr(context.resources, key) for name, key in outbox_keys.items()})
         if not pending:
             if unavailable:
                 return dg.SkipReason(f"outbox unavailable: {'; '.join(unavailable)}")
@@ -97,6 +89,41 @@ def build_pending_sensor(
         return dg.RunRequest(run_key=f"{work}/{last_run_id}", job_name=fleet_job.name, tags=tags)
 
     return outbox_pending_sensor
+
+
+def pending_work(outboxes: dict[str, OutboxDatabaseResource]) -> tuple[list[str], list[str]]:
+    """(``relay:fingerprint`` of each relay with pending work, ``relay: problem`` of each unreachable outbox).
+
+    Relays of one outbox database share one connection per tick: a fleet's tick costs a connection
+    per database, not per relay.
+    """
+    pending, unavailable = [], []
+    by_database: dict[str, list[str]] = {}
+    for name, outbox in outboxes.items():
+        try:
+            by_database.setdefault(outbox.resolved_url(), []).append(name)
+        except OutboxPipelineError as exc:
+            unavailable.append(f"{name}: {exc}")
+    for url, names in by_database.items():
+        try:
+            conn = connect_postgres(url, application_name="outbox_pipeline sensor")
+        except (psycopg.Error, OutboxPipelineError) as exc:
+            problem = translate_postgres_error(exc, url) if isinstance(exc, psycopg.Error) else exc
+            unavailable.extend(f"{name}: {problem}" for name in names)
+            continue
+        try:
+            for name in names:
+                store = OutboxStore(conn, url, relay=outboxes[name].relay)
+                try:
+                    if store.has_pending_work():
+                        pending.append(f"{name}:{store.pending_work_fingerprint()}")
+                except psycopg.Error as exc:
+                    unavailable.append(f"{name}: {translate_postgres_error(exc, url)}")
+                except OutboxPipelineError as exc:
+                    unavailable.append(f"{name}: {exc}")
+        finally:
+            conn.close()
+    return pending, unavailable
 
 
 def end_a_stale_fleet_run(instance: dg.DagsterInstance, run: dg.DagsterRun, relay_names: list[str]) -> dg.SkipReason:

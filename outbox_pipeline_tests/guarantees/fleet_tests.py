@@ -6,6 +6,7 @@ stores throughout: PostgreSQL, chDB shared by every relay in the run's one proce
 real sentry-sdk against the recording server.
 """
 
+import json
 import threading
 import time
 
@@ -242,3 +243,18 @@ def test_a_relay_added_while_the_fleet_follows_is_followed_within_seconds(relay_
     assert isinstance(request, dg.RunRequest) and request.job_name == "follow_outbox_fleet"
     assert run_fleet(after, instance, follow_seconds=0).success
     assert delivery(relay_env["CLICKHOUSE_URL"], "billing_event_log")[:2] == (10, 10)
+
+
+def test_one_lag_sensor_keeps_an_incident_per_relay(relay_env, second_outbox, recorder, monkeypatch):
+    monkeypatch.setenv("OUTBOX_QUEUE_WARNING_SIZE", "5")
+    monkeypatch.setenv("OUTBOX_QUEUE_ERROR_SIZE", "1000")
+    defs = fleet_location([component("billing", "b", "invoice_sent", "billing_event_log")])
+    publish_raw(second_outbox, 8, event_type="invoice_sent")  # billing falls behind; the default relay has nothing
+    sensor = defs.resolve_sensor_def("outbox_lag_sensor")
+    outboxes = {key: resource for key, resource in defs.resources.items() if key.startswith("outbox")}
+    with dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(), definitions=defs, resources=outboxes) as context:
+        result = sensor(context)
+    states = json.loads(result.cursor)
+    assert (states["default"]["level"], states["billing"]["level"]) == ("ok", "warning")
+    [warning] = recorder.wait_for(lambda rec: errors(rec))
+    assert (warning["tags"]["outbox.relay"], warning["level"]) == ("billing", "warning")

@@ -75,7 +75,7 @@ def test_lag_alert_fires_once_per_level_then_reports_recovery(relay_env, outbox,
     assert recovered["fingerprint"] == ["outbox-lag-recovered"]
     assert recovered["tags"]["outbox.incident"] == incident
     assert recovered["tags"]["outbox.lag_peak"] == "error"
-    assert json.loads(result.cursor)["incident"] is None
+    assert json.loads(result.cursor)["default"]["incident"] is None
 
     # Empty outbox: one heartbeat for the relay's cron monitor, not one per tick.
     [heartbeat] = [c for c in check_ins(recorder) if c["status"] == "ok" and "monitor_config" in c]

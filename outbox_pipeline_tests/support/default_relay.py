@@ -32,12 +32,11 @@ __all__ = [
 
 
 def lag_sensor_from_env():
-    """The default relay's lag sensor built from the environment as it is now (tests set variables first)."""
+    """The code location's lag sensor built from the environment as it is now (tests set variables first)."""
     from outbox_pipeline.config.settings import load_settings
-    from outbox_pipeline.orchestration.lag_sensor import build_lag_sensor
-    from outbox_pipeline.orchestration.relay_instance import RelayInstance
+    from outbox_pipeline.definitions import build_defs
 
-    return build_lag_sensor(RelayInstance.from_settings(load_settings()))
+    return build_defs(load_settings(), with_defs_folder=False).resolve_sensor_def("outbox_lag_sensor")
 
 
 def run_failure_sensor_from_env():
