@@ -28,6 +28,7 @@ from pathlib import Path
 import psycopg
 
 from outbox_pipeline.bench.backlog import load_backlog, reset_stores
+from outbox_pipeline.bench.steady import print_columns
 from outbox_pipeline.relay.delivery import Relay, RelayPolicy
 from outbox_pipeline.stores.clickhouse_connection import describe_clickhouse_url
 from outbox_pipeline.stores.event_log_store import EventLogStore
@@ -104,10 +105,7 @@ def print_results(results: list[dict]) -> None:
         ("completeness check: ClickHouse per day, s", lambda r: f"{r['check_clickhouse_s']:.3f}"),
         ("  days compared / passes", lambda r: f"{r['check_days']} / {'yes' if r['check_passes'] else 'NO'}"),
     ]
-    width = max(len(label) for label, _ in lines)
-    print(f"{'':<{width}}  " + "  ".join(f"{r['events']:>14,}" for r in results))
-    for label, value in lines:
-        print(f"{label:<{width}}  " + "  ".join(f"{value(r):>14}" for r in results))
+    print_columns([f"{r['events']:,} events" for r in results], lines, results, min_cell=14)
 
 
 def run_exactly_once_bench(sizes: list[int], clickhouse_url: str | None) -> int:

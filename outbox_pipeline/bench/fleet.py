@@ -37,7 +37,7 @@ import psutil
 import psycopg
 
 from outbox_pipeline.bench.latency import produce
-from outbox_pipeline.bench.steady import ENVIRONMENT, PROJECT_ROOT, Stack, StackCpu, _directory_bytes, counts, latency
+from outbox_pipeline.bench.steady import ENVIRONMENT, PROJECT_ROOT, Stack, StackCpu, _directory_bytes, counts, latency, print_columns
 
 SECOND_OUTBOX_VARIABLE = "OUTBOX_BENCH_SECOND_DATABASE_URL"
 LOCATION_MODULE = '''"""The benchmark's code location: the default relay and {components} OutboxRelay components."""
@@ -243,11 +243,7 @@ def print_fleet(results: list[FleetResult]) -> None:
         ("events published", lambda r: f"{r.published:,}"),
         ("exactly once in every table", lambda r: "yes" if r.exactly_once else "NO"),
     ]
-    width = max(len(label) for label, _ in lines)
-    cell = max(22, *(len(h) for h in header))
-    print(f"{'':<{width}}  " + "  ".join(f"{h:>{cell}}" for h in header))
-    for label, value in lines:
-        print(f"{label:<{width}}  " + "  ".join(f"{value(r):>{cell}}" for r in results))
+    print_columns(header, lines, results, min_cell=22)
 
 
 def run_fleet_bench(relays: int, rate: float, *, warmup: float, measure: float, idle: float, http: bool) -> list[FleetResult]:

@@ -315,6 +315,15 @@ def measure_steady(mode: str, rate: float, *, warmup: float, measure: float, idl
     return result
 
 
+def print_columns(header: list[str], lines: list[tuple[str, Callable]], results: list, min_cell: int = 18) -> None:
+    """One row a figure, one column a measured case, side by side."""
+    width = max(len(label) for label, _ in lines)
+    cell = max(min_cell, *(len(h) for h in header))
+    print(f"{'':<{width}}  " + "  ".join(f"{h:>{cell}}" for h in header))
+    for label, value in lines:
+        print(f"{label:<{width}}  " + "  ".join(f"{value(r):>{cell}}" for r in results))
+
+
 def print_steady(results: list[SteadyResult]) -> None:
     header = [f"{r.rate:g}/s {r.mode}" for r in results]
     lines = [
@@ -331,11 +340,7 @@ def print_steady(results: list[SteadyResult]) -> None:
         ("published / count() / uniqExact(event_id)", lambda r: f"{r.published:,}/{r.rows:,}/{r.distinct:,}"),
         ("exactly once", lambda r: "yes" if r.published == r.rows == r.distinct else "NO"),
     ]
-    width = max(len(label) for label, _ in lines)
-    cell = max(18, *(len(h) for h in header))
-    print(f"{'':<{width}}  " + "  ".join(f"{h:>{cell}}" for h in header))
-    for label, value in lines:
-        print(f"{label:<{width}}  " + "  ".join(f"{value(r):>{cell}}" for r in results))
+    print_columns(header, lines, results)
     for header_cell, r in zip(header, results):
         print(f"runs started in the measured window, {header_cell}: {_by_job(r.runs_by_job)}")
 
