@@ -102,3 +102,12 @@ def test_stopping_scripts_dev_stops_what_it_started(dev_dirs, stop_signal):
         stop_stack(process, state_dir)  # only if something above failed: kills what is left, by pid
         print(f"\n--- scripts/dev output (tail) ---\n{stack.log_tail(3000)}")
         log_path.unlink(missing_ok=True)
+
+
+def test_dg_comes_with_the_package_scripts_dev_installs():
+    # scripts/dev installs the package alone (no test extras), and the README sends its users to `dg`.
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    assert any(dependency.startswith("dagster-dg-cli==") for dependency in project["dependencies"])
+    assert "pip install --quiet -e .\n" in (REPO_ROOT / "scripts" / "dev").read_text()
