@@ -14,6 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import dagster as dg
 import psutil
 import pytest
 
@@ -77,7 +78,11 @@ def test_stopping_scripts_dev_stops_what_it_started(dev_dirs, stop_signal):
     try:
         stack.wait_for("the code location to load", lambda: location_loaded(stack), timeout=180)
         # Events flow: the sensor has launched a relay run through the daemon.
-        stack.wait_for("a relay run launched by the sensor", lambda: stack.runs(pipelineName="follow_outbox_fleet"), timeout=120)
+        stack.wait_for(
+            "a relay run launched by the sensor, following",
+            lambda: [run for run in stack.runs(pipelineName="follow_outbox_fleet") if run["status"] == "STARTED"],
+            timeout=120,
+        )
         postgres = embedded_postgres_pid(state_dir)
         assert postgres is not None and psutil.pid_exists(postgres)
         started = processes_started_for(state_dir)
@@ -97,6 +102,14 @@ def test_stopping_scripts_dev_stops_what_it_started(dev_dirs, stop_signal):
             problems.append(f"processes left running: {describe(leftovers)}")
         if UNUSED_DAGSTER_YAML_WARNING in output:
             problems.append("Dagster warned that dagster.yaml is not used")
+        # Stopping is not a failure: the following run ends as a success (no failed run, no Sentry issue).
+        instance = dg.DagsterInstance.from_config(str(home))
+        try:
+            statuses = [run.status for run in instance.get_runs(dg.RunsFilter(job_name="follow_outbox_fleet"))]
+        finally:
+            instance.dispose()
+        if not statuses or any(status != dg.DagsterRunStatus.SUCCESS for status in statuses):
+            problems.append(f"the following runs ended as {statuses}, not as successes")
         assert problems == [], output[-4000:]
     finally:
         stop_stack(process, state_dir)  # only if something above failed: kills what is left, by pid

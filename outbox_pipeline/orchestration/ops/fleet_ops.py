@@ -38,6 +38,7 @@ FLEET_JOB = "follow_outbox_fleet"
 # whose code location knows of relays added since the run started).
 FLEET_RELAYS_TAG = "outbox_pipeline/fleet_relays"
 FLEET_STOP_TAG = "outbox_pipeline/fleet_stop"
+ENDED_INTERRUPTED = "the deployment is shutting down"
 
 
 def member_resource_keys(relay_name: str) -> tuple[str, str, str]:
@@ -154,22 +155,28 @@ def build_follow_fleet_op(relay_names: list[str]) -> dg.OpDefinition:
         )
         run = context.dagster_run
         failed: set[str] = set()
-        for message in fleet.messages():
-            relay = by_name[message.member]
-            if message.error is not None:
-                failed.add(relay.name)
-                context.log.error(
-                    f"relay {relay.name} failed ({message.failures} in a row), starting again in {message.retry_in:.1f} s; "
-                    f"the other relays go on: {one_line(message.error)}"
-                )
-                try:
-                    report_relay_failure(relay.monitor, run, context.job_name, context.run_id, message.error)
-                except Exception as exc:  # reporting must never stop the fleet
-                    context.log.warning(f"could not report relay {relay.name}'s failure to Sentry: {one_line(exc)}")
-            elif isinstance(message.item, LogLine):
-                context.log.info(message.item.text)
-            else:
-                yield from message.item
+        try:
+            for message in fleet.messages():
+                relay = by_name[message.member]
+                if message.error is not None:
+                    failed.add(relay.name)
+                    context.log.error(
+                        f"relay {relay.name} failed ({message.failures} in a row), starting again in {message.retry_in:.1f} s; "
+                        f"the other relays go on: {one_line(message.error)}"
+                    )
+                    try:
+                        report_relay_failure(relay.monitor, run, context.job_name, context.run_id, message.error)
+                    except Exception as exc:  # reporting must never stop the fleet
+                        context.log.warning(f"could not report relay {relay.name}'s failure to Sentry: {one_line(exc)}")
+                elif isinstance(message.item, LogLine):
+                    context.log.info(message.item.text)
+                else:
+                    yield from message.item
+        except (dg.DagsterExecutionInterruptedError, KeyboardInterrupt):
+            # The deployment is stopping (Ctrl-C, SIGTERM, a deploy). Every relay has finished the batch it had
+            # and holds no claim (the fleet has joined them): the run ends as a success, not a failure to report.
+            fleet.ended = ENDED_INTERRUPTED
+            context.log.info("stopping: the deployment is shutting down; every relay has given back its claims")
         summary = {
             relay.name: {"events_loaded": relay.total.events_loaded, "batches": relay.total.batches, "drains": relay.total.drains}
             for relay in relays
