@@ -1,4 +1,10 @@
 import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import dagster as dg
 import psycopg
@@ -139,3 +145,20 @@ def test_a_step_takes_several_batches_each_with_its_own_insert_and_mark(relay_en
     assert done == 7  # each batch marked on its own
     with event_log_store(relay_env["CLICKHOUSE_URL"]) as event_log:
         assert event_log.counts() == (250, 250)
+
+
+def test_the_readme_s_shell_command_for_one_run_ends_with_the_backlog(relay_env, outbox, monkeypatch):
+    """`dagster job execute … -c scripts/run_config/backlog_only.yaml` in a real process, with following on."""
+    root = Path(__file__).resolve().parents[1]
+    publish_raw(relay_env["OUTBOX_DATABASE_URL"], 300)
+    dagster = shutil.which("dagster", path=os.path.dirname(sys.executable)) or "dagster"
+    # Following would go on for ten minutes, quiet or not, but for the run config.
+    env = {**{k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}, "OUTBOX_FOLLOW_SECONDS": "600", "OUTBOX_FOLLOW_QUIET_SECONDS": "600"}
+    command = [dagster, "job", "execute", "-m", "outbox_pipeline.definitions", "-j", "process_outbox_events",
+               "-c", "scripts/run_config/backlog_only.yaml"]
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert time.monotonic() - started < 120
+    with event_log_store(relay_env["CLICKHOUSE_URL"]) as event_log:
+        assert event_log.counts() == (300, 300)
