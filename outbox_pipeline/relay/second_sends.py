@@ -10,14 +10,16 @@ not once a replicated table passed ``replicated_deduplication_window`` blocks or
 
 So a block sent again first asks ClickHouse which of its event_ids it holds (its time range
 bounds the read; the table's bloom filter on event_id skips the rest) and sends only the
-others, under a token derived from what it sends: two senders that saw the same rows present
-send under one token, and ClickHouse keeps one copy while it remembers it. A first send costs
+others. When it holds none, the block goes under its own token; otherwise under a token
+derived from what is sent. Either way two senders that saw the same rows send under one
+token, and ClickHouse, while it remembers the token, keeps one copy. A first send costs
 what it always did: nothing is looked up.
 
 What is left: two senders of the same block at the same moment, where neither sees the
-other's rows yet. The lease rules that out for live runs, which renew it before every send
-and stop when it was taken over; a run frozen for longer than the lease between its renewal
-and its send is the remaining case, and the completeness check counts every day's events.
+other's rows yet (a zombie whose insert is still in flight when the batch is taken over),
+on a table that no longer remembers the token. Live runs renew their lease before every
+send and retry and stop once the batch was taken over; the completeness check counts every
+day's events, and a replay repairs a day.
 """
 
 from __future__ import annotations
@@ -54,10 +56,12 @@ def send_missing(
     if len(held) == len(keys):
         return 0
     sent = sorted(outbox_id for outbox_id, event_id, _ in keys if event_id not in present)
-    digest = hashlib.sha256(",".join(map(str, sent)).encode()).hexdigest()[:24]
+    token = handle.deduplication_token(start, stop)
+    if held:
+        token += "-again-" + hashlib.sha256(",".join(map(str, sent)).encode()).hexdigest()[:24]
     pieces = watch(outbox.stream_block_csv(handle, start, stop, without=held))
     try:
-        event_log.insert_csv(pieces, deduplication_token=f"{handle.deduplication_token(start, stop)}-again-{digest}")
+        event_log.insert_csv(pieces, deduplication_token=token)
     finally:
         close = getattr(pieces, "close", None)
         if close is not None:
