@@ -12,19 +12,18 @@ code location's resources named ``outbox`` / ``clickhouse`` (the default relay)
 or ``outbox_<relay>`` / ``clickhouse_<relay>``.
 """
 
-import dataclasses
-import datetime as dt
 
 import dagster as dg
 from pydantic import Field
 
+from outbox_pipeline.orchestration.check_outcome import CheckOutcome
+from outbox_pipeline.orchestration.completeness import COMPLETENESS_CHECK, check_completeness
 from outbox_pipeline.orchestration.relay_instance import RelayInstance
 from outbox_pipeline.orchestration.run_limits import clickhouse_pool
 from outbox_pipeline.stores.reporting import OutboxCounts
 
 FRESHNESS_CHECK = "freshness"
 DUPLICATES_CHECK = "no_duplicates"
-COMPLETENESS_CHECK = "complete"
 
 
 def resource_keys(instance: RelayInstance) -> tuple[str, str]:
@@ -59,25 +58,6 @@ class FreshnessCheckConfig(dg.Config):
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class CheckOutcome:
-    """One evaluation of a check, as the check job reports it and as a relay run logs it."""
-
-    passed: bool
-    severity: dg.AssetCheckSeverity
-    description: str
-    metadata: dict
-
-    def result(self) -> dg.AssetCheckResult:
-        return dg.AssetCheckResult(passed=self.passed, severity=self.severity, description=self.description, metadata=self.metadata)
-
-    def evaluation(self, asset_key: dg.AssetKey, check_name: str) -> dg.AssetCheckEvaluation:
-        return dg.AssetCheckEvaluation(
-            asset_key=asset_key, check_name=check_name, passed=self.passed, severity=self.severity,
-            description=self.description, metadata=self.metadata,
-        )
-
-
 def freshness_outcome(counts: OutboxCounts, max_lag: float) -> CheckOutcome:
     lag = counts.oldest_pending_age_seconds or 0.0
     return CheckOutcome(
@@ -106,29 +86,6 @@ def duplicates_outcome(rows: int, distinct: int, scope: str | None = None) -> Ch
         described += f" among {scope}"
         metadata["scope"] = dg.MetadataValue.text(scope)
     return CheckOutcome(passed=rows == distinct, severity=dg.AssetCheckSeverity.ERROR, description=described, metadata=metadata)
-
-
-def completeness_outcome(delivered: dict[dt.date, int], present: dict[dt.date, int], since: dt.date) -> CheckOutcome:
-    """Each day's events the relay delivered against the distinct event_ids of its types in its table."""
-    missing = {day: count - present.get(day, 0) for day, count in sorted(delivered.items()) if present.get(day, 0) < count}
-    days = sorted(delivered)
-    described = (
-        f"{sum(missing.values())} delivered events missing from ClickHouse on "
-        + ", ".join(f"{day.isoformat()} ({count})" for day, count in missing.items())
-        + ": replay those days (replay_outbox_events)"
-        if missing else f"every delivered event is in ClickHouse, {len(days)} days from {since.isoformat()}"
-    )
-    return CheckOutcome(
-        passed=not missing,
-        severity=dg.AssetCheckSeverity.ERROR,
-        description=described,
-        metadata={
-            "days_checked": dg.MetadataValue.int(len(days)),
-            "events_delivered": dg.MetadataValue.int(sum(delivered.values())),
-            "events_missing": dg.MetadataValue.int(sum(missing.values())),
-            "days_missing_events": dg.MetadataValue.text(", ".join(day.isoformat() for day in missing) or "none"),
-        },
-    )
 
 
 def build_event_log_checks(instance: RelayInstance) -> list[dg.AssetChecksDefinition]:
@@ -173,12 +130,9 @@ def build_event_log_checks(instance: RelayInstance) -> list[dg.AssetChecksDefini
         pool=clickhouse_pool(instance.uses_chdb),
     )
     def complete(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        outbox = getattr(context.resources, outbox_key)
-        # Retention deletes a day's oldest events first: the day at its cutoff is left out.
-        since = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=outbox.retention_days - 1)
-        with outbox.short_lived_store() as store:
-            delivered = store.delivered_per_day(since)
-        present = getattr(context.resources, clickhouse_key).store().distinct_per_day(since, instance.identity.like_patterns)
-        return completeness_outcome(delivered, present, since).result()
+        return check_completeness(
+            context.instance, dg.AssetCheckKey(instance.asset_key, COMPLETENESS_CHECK), getattr(context.resources, outbox_key),
+            getattr(context.resources, clickhouse_key), instance.identity.like_patterns,
+        ).result()
 
     return [freshness, no_duplicates, complete]

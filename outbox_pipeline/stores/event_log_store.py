@@ -171,13 +171,19 @@ class EventLogStore:
         )
         return {row[0] for row in result.result_rows}
 
-    def distinct_per_day(self, since: dt.date, like_patterns: tuple[str, ...] = ()) -> dict[dt.date, int]:
-        """Per UTC day of event_date_time from ``since`` on: distinct event_ids (of the types matching the LIKE patterns)."""
+    def distinct_per_day(
+        self, since: dt.date, like_patterns: tuple[str, ...] = (), days: list[dt.date] | None = None
+    ) -> dict[dt.date, int]:
+        """Per UTC day of event_date_time from ``since`` on (only ``days``, if given): distinct event_ids of the
+        types matching the LIKE patterns."""
         parameters: dict = {"since": since.isoformat()}
         type_filter = ""
+        if days is not None:
+            parameters["days"] = [day.isoformat() for day in days]
+            type_filter += " AND toDate(event_date_time, 'UTC') IN {days:Array(Date)}"
         if like_patterns:
             parameters.update({f"p{n}": pattern for n, pattern in enumerate(like_patterns)})
-            type_filter = " AND (" + " OR ".join(f"event_type LIKE {{p{n}:String}}" for n in range(len(like_patterns))) + ")"
+            type_filter += " AND (" + " OR ".join(f"event_type LIKE {{p{n}:String}}" for n in range(len(like_patterns))) + ")"
         result = self.client.query(
             f"SELECT toDate(event_date_time, 'UTC') AS day, uniqExact(event_id) FROM {self._table_sql} "
             "WHERE event_date_time >= toDateTime64({since:String}, 6, 'UTC')" + type_filter + " GROUP BY day",

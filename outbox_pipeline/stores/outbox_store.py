@@ -203,8 +203,11 @@ class OutboxStore:
     def delivery_states(self, outbox_ids: Sequence[int]) -> list[tuple[int, str, str]]:
         return replay_retention.delivery_states(self._relay_conn(), self.relay, outbox_ids)
 
-    def delivered_per_day(self, since: dt.date) -> dict[dt.date, int]:
-        return replay_retention.delivered_per_day(self._relay_conn(), self.relay, since)
+    def delivered_per_day(self, since: dt.date, days: Sequence[dt.date] | None = None) -> dict[dt.date, int]:
+        return replay_retention.delivered_per_day(self._relay_conn(), self.relay, since, days)
+
+    def days_delivered_since(self, since: dt.datetime) -> list[dt.date]:
+        return replay_retention.days_delivered_since(self._relay_conn(), self.relay, since)
 
     def events_csv(self, outbox_ids: Sequence[int]) -> bytes:
         return replay_retention.events_csv(self.conn, outbox_ids)

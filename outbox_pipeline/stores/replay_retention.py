@@ -123,12 +123,37 @@ def delivery_states(conn: psycopg.Connection, relay: RelayIdentity, outbox_ids: 
     ]
 
 
-def delivered_per_day(conn: psycopg.Connection, relay: RelayIdentity, since: dt.date) -> dict[dt.date, int]:
-    """Per UTC day of event_date_time from ``since`` on: how many of the relay's events it has delivered (processed).
+def days_delivered_since(conn: psycopg.Connection, relay: RelayIdentity, since: dt.datetime) -> list[dt.date]:
+    """UTC days of event_date_time of the relay's events in range batches finished at or after ``since``.
+
+    What a completeness pass looks at again between two full passes; it reads only the rows of
+    those batches, through the (txid, id) index. Events delivered by a retry of their own are
+    left to the full pass (their failure records are gone once they land).
+    """
+    type_filter = " AND o.event_type LIKE ANY (%(patterns)s)" if relay.like_patterns else ""
+    rows = conn.execute(
+        f"""
+        SELECT DISTINCT (o.event_date_time AT TIME ZONE 'UTC')::date
+        FROM outbox_batch b JOIN outbox o
+          ON (o.txid, o.id) >= (b.first_txid, b.first_id) AND (o.txid, o.id) <= (b.last_txid, b.last_id)
+        WHERE b.relay = %(relay)s AND b.kind = 'range' AND b.state = 'done' AND b.done_at >= %(since)s{type_filter}
+        """,
+        {"relay": relay.name, "since": since, "patterns": list(relay.like_patterns)},
+    ).fetchall()
+    return sorted(row[0] for row in rows)
+
+
+def delivered_per_day(
+    conn: psycopg.Connection, relay: RelayIdentity, since: dt.date, days: Sequence[dt.date] | None = None
+) -> dict[dt.date, int]:
+    """Per UTC day of event_date_time from ``since`` on (only ``days``, if given): how many of the relay's events
+    it has delivered (processed).
 
     The same states as ``delivery_states``, counted in one statement over the days' index range.
     """
     type_filter = " AND o.event_type LIKE ANY (%(patterns)s)" if relay.like_patterns else ""
+    if days is not None:
+        type_filter += " AND (o.event_date_time AT TIME ZONE 'UTC')::date = ANY(%(days)s)"
     rows = conn.execute(
         f"""
         SELECT (o.event_date_time AT TIME ZONE 'UTC')::date, count(*)
@@ -142,7 +167,7 @@ def delivered_per_day(conn: psycopg.Connection, relay: RelayIdentity, since: dt.
                 AND (o.txid, o.id) >= (b.first_txid, b.first_id) AND (o.txid, o.id) <= (b.last_txid, b.last_id))
         GROUP BY 1
         """,
-        {"relay": relay.name, "since": since, "patterns": list(relay.like_patterns)},
+        {"relay": relay.name, "since": since, "patterns": list(relay.like_patterns), "days": list(days or [])},
     ).fetchall()
     return dict(rows)
 
