@@ -28,7 +28,7 @@ import hashlib
 from collections.abc import Callable, Iterator
 
 from outbox_pipeline.stores.batches import BatchHandle
-from outbox_pipeline.stores.event_log_store import EventLogStore
+from outbox_pipeline.stores.event_log_store import LOOKUP_CHUNK, EventLogStore
 from outbox_pipeline.stores.outbox_store import OutboxStore
 
 
@@ -49,9 +49,11 @@ def send_missing(
     keys = outbox.read_block_keys(handle, start, stop)
     if not keys:
         return 0
-    present = event_log.present_event_ids_between(
-        [event_id for _, event_id, _ in keys], min(k[2] for k in keys), max(k[2] for k in keys)
-    )
+    present: set[str] = set()
+    # A few thousand at a time, each bounded by its own time range.
+    for first in range(0, len(keys), LOOKUP_CHUNK):
+        chunk = keys[first : first + LOOKUP_CHUNK]
+        present |= event_log.present_event_ids_between([k[1] for k in chunk], min(k[2] for k in chunk), max(k[2] for k in chunk))
     held = sorted(outbox_id for outbox_id, event_id, _ in keys if event_id in present)
     if len(held) == len(keys):
         return 0

@@ -26,6 +26,8 @@ from outbox_pipeline.stores.clickhouse_connection import close_clickhouse_client
 from outbox_pipeline.stores.event_columns import DEFAULT_TABLE, EVENT_COLUMNS
 
 DEDUPLICATION_WINDOW = 10_000
+# event_ids per presence query: about 160 KiB of query text.
+LOOKUP_CHUNK = 4_000
 _IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
 _TABLE_NAME = re.compile(rf"({_IDENTIFIER})(?:\.({_IDENTIFIER}))?")
 
@@ -158,9 +160,14 @@ class EventLogStore:
         The time range (the sorting key's second column) and the bloom filter on event_id keep
         the read to the granules that can hold them.
         """
-        if not event_ids:
-            return set()
-        # The ids go in the query body, not in URL parameters: thousands of them would pass URL limits.
+        found: set[str] = set()
+        # The ids go in the query body, not in URL parameters (thousands would pass URL limits), a few
+        # thousand at a time: a query's text stays within the server's max_query_size (256 KiB by default).
+        for first in range(0, len(event_ids), LOOKUP_CHUNK):
+            found |= self._present(event_ids[first : first + LOOKUP_CHUNK], start, end, end_inclusive)
+        return found
+
+    def _present(self, event_ids: list[str], start: dt.datetime, end: dt.datetime, end_inclusive: bool) -> set[str]:
         id_list = ",".join(f"'{uuid.UUID(event_id)}'" for event_id in event_ids)
         result = self.client.query(
             f"SELECT DISTINCT toString(event_id) FROM {self._table_sql} "

@@ -66,17 +66,18 @@ def claim_counts(outbox: OutboxStore) -> list[int]:
 
 def test_a_batch_retaken_after_its_run_died_between_insert_and_mark(forgetful):
     env, outbox = forgetful
-    publish_raw(env["OUTBOX_DATABASE_URL"], 3_000)
-    died = run_worker("job", "--kill-after", "insert", "--kill-at", "1", "--batch-size", "1000", env=env)
+    # Batches of 8,000: a block's lookup is more event_ids than one query's text may carry (max_query_size).
+    publish_raw(env["OUTBOX_DATABASE_URL"], 24_000)
+    died = run_worker("job", "--kill-after", "insert", "--kill-at", "1", "--batch-size", "8000", env=env)
     assert died.returncode == -signal.SIGKILL, died.stderr[-3000:]
-    assert counts(env) == (1_000, 1_000)  # in ClickHouse, not marked
+    assert counts(env) == (8_000, 8_000)  # in ClickHouse, not marked
 
     wait_for_expired_leases(outbox)
-    assert run_relay(run_config={"batch_size": 1_000}).success
+    assert run_relay(run_config={"batch_size": 8_000}).success
 
-    assert counts(env) == (3_000, 3_000)
+    assert counts(env) == (24_000, 24_000)
     assert max(claim_counts(outbox)) == 2  # the dead run's batches were taken over and sent again
-    assert outbox.counts().processed == 3_000
+    assert outbox.counts().processed == 24_000
 
 
 def test_an_insert_resent_after_the_connection_broke_after_it_ran(forgetful):
