@@ -150,7 +150,13 @@ class RelaySettings(ProducerSettings):
     schedule_cron: str = _env("OUTBOX_SCHEDULE_CRON", "* * * * *", "Cron of the relay schedule.")
     cleanup_cron: str = _env("OUTBOX_CLEANUP_CRON", "30 3 * * *", "Cron of the daily retention run (UTC).")
     check_cron: str = _env("OUTBOX_CHECK_CRON", "*/15 * * * *", "Cron of the event_log checks (UTC).")
-    retention_days: int = _env("OUTBOX_RETENTION_DAYS", 30, "cleanup_outbox deletes processed events older than this.", ge=1)
+    retention_days: int = _env(
+        "OUTBOX_RETENTION_DAYS",
+        7,
+        "cleanup_outbox drops the days of delivered events older than this: the outbox keeps what is not yet "
+        "delivered plus a window for replays; ClickHouse is the archive.",
+        ge=1,
+    )
     replay_start_date: dt.date = _env("OUTBOX_REPLAY_START_DATE", dt.date(2026, 1, 1), "First partition of the replay job.")
     low_latency: bool = _env("OUTBOX_LOW_LATENCY", False, "Sub-second delivery through one long LISTEN/NOTIFY run.")
 

@@ -9,6 +9,7 @@ and the relay is registered:
 * ``batches``: claim, lease, read, split and mark a relay's batches;
 * ``reporting``: pending work, counts, table statistics;
 * ``replay_retention``: delivery states for replays, retention deletes;
+* ``partitions``: the daily partitions, made ahead and dropped once delivered;
 * ``producer_sql``: the producers' INSERT and COPY.
 """
 
@@ -19,7 +20,7 @@ from collections.abc import Iterator, Sequence
 
 import psycopg
 
-from outbox_pipeline.stores import batch_reads, batches, migrations, replay_retention, reporting
+from outbox_pipeline.stores import batch_reads, batches, migrations, partitions, replay_retention, reporting
 from outbox_pipeline.stores.batches import BatchHandle, RejectedEvent
 from outbox_pipeline.stores.migrations import NOTIFY_CHANNEL
 from outbox_pipeline.stores.postgres_connection import connect_postgres, describe_postgres_url
@@ -96,7 +97,9 @@ class OutboxStore:
     def migrate(self) -> list[int]:
         """Apply the missing schema versions (see migrations.py); returns those applied now."""
         self._ready = False
-        return migrations.apply_migrations(self.conn)
+        applied = migrations.apply_migrations(self.conn)
+        self.create_partitions()
+        return applied
 
     def install_commit_notifications(self) -> None:
         """Make every producer commit NOTIFY the low-latency relay (left off otherwise: it costs producers a little)."""
@@ -186,6 +189,18 @@ class OutboxStore:
     def delete_processed_before(self, cutoff: dt.datetime, *, chunk_size: int) -> int:
         """Every relay's view, whichever relay's store deletes: see replay_retention.py."""
         return replay_retention.delete_processed_before(self._relay_conn(), cutoff, chunk_size=chunk_size)
+
+    def create_partitions(self, days_ahead: int = partitions.DAYS_AHEAD) -> int:
+        """Make the daily partitions of today to ``days_ahead`` days ahead (UTC) that are missing; returns how many."""
+        today = dt.datetime.now(dt.UTC).date()
+        return partitions.create_partitions(self.conn, today, today + dt.timedelta(days=days_ahead))
+
+    def drop_delivered_partitions(self, older_than: dt.datetime) -> list[partitions.PartitionOutcome]:
+        """Every relay's view, like delete_processed_before: see partitions.py."""
+        return partitions.drop_delivered_partitions(self._relay_conn(), older_than)
+
+    def list_partitions(self) -> list[partitions.Partition]:
+        return partitions.list_partitions(self.conn)
 
     def delete_finished_batches_before(self, cutoff: dt.datetime, *, chunk_size: int = 10_000) -> int:
         return replay_retention.delete_finished_batches_before(self._relay_conn(), cutoff, chunk_size=chunk_size)

@@ -18,10 +18,12 @@ from outbox_pipeline.stores.relay_identity import RelayIdentity
 
 
 def delete_processed_before(conn: psycopg.Connection, cutoff: dt.datetime, *, chunk_size: int) -> int:
-    """Delete one chunk of events created before ``cutoff`` that every relay they match has delivered.
+    """Delete one chunk of events of ``outbox_default`` created before ``cutoff`` that every relay they match has delivered.
 
-    Each chunk is its own short statement. Like the first release, an event is
-    kept from the first key of a relay's oldest range batch still in flight on.
+    The daily partitions go whole (partitions.py); only the events no partition covered
+    are deleted row by row. Each chunk is its own short statement. Like the first
+    release, an event is kept from the first key of a relay's oldest range batch still
+    in flight on.
     """
     row = conn.execute(
         """
@@ -35,7 +37,7 @@ def delete_processed_before(conn: psycopg.Connection, cutoff: dt.datetime, *, ch
             ) b ON true
         ),
         doomed AS (
-            SELECT o.id FROM outbox o
+            SELECT o.id FROM outbox_default o
             WHERE o.created_at < %(cutoff)s
               AND NOT EXISTS (SELECT 1 FROM outbox_failure f WHERE f.outbox_id = o.id)
               AND NOT EXISTS (
@@ -44,7 +46,7 @@ def delete_processed_before(conn: psycopg.Connection, cutoff: dt.datetime, *, ch
                     AND ((o.txid, o.id) > (r.claimed_txid, r.claimed_id) OR (o.txid, o.id) >= (r.first_txid, r.first_id)))
             ORDER BY o.created_at LIMIT %(n)s
         ),
-        deleted AS (DELETE FROM outbox WHERE id IN (SELECT id FROM doomed) RETURNING 1)
+        deleted AS (DELETE FROM outbox_default WHERE id IN (SELECT id FROM doomed) RETURNING 1)
         SELECT count(*) FROM deleted
         """,
         {"cutoff": cutoff, "n": chunk_size},

@@ -143,13 +143,15 @@ def check_xid_horizon(conn: psycopg.Connection) -> str | None:
 
 
 def table_statistics(conn: psycopg.Connection) -> dict:
+    """Sizes and tuples of the outbox, summed over its partitions."""
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(
             """
-            SELECT pg_total_relation_size('outbox') AS total_bytes,
-                   pg_relation_size('outbox') AS heap_bytes,
-                   pg_indexes_size('outbox') AS index_bytes,
-                   s.n_live_tup AS live_tuples, s.n_dead_tup AS dead_tuples
-            FROM pg_stat_user_tables s WHERE s.relname = 'outbox'
+            SELECT coalesce(sum(pg_total_relation_size(p.relid)), 0)::bigint AS total_bytes,
+                   coalesce(sum(pg_relation_size(p.relid)), 0)::bigint AS heap_bytes,
+                   coalesce(sum(pg_indexes_size(p.relid)), 0)::bigint AS index_bytes,
+                   coalesce(sum(s.n_live_tup), 0)::bigint AS live_tuples, coalesce(sum(s.n_dead_tup), 0)::bigint AS dead_tuples
+            FROM pg_partition_tree('outbox') p LEFT JOIN pg_stat_user_tables s ON s.relid = p.relid
+            WHERE p.isleaf
             """
         ).fetchone()

@@ -1,8 +1,9 @@
 """Least-privilege PostgreSQL roles for the outbox: producers that can only add events, a relay with what it needs.
 
-* **producer**: INSERT into ``outbox`` and nothing else. It can neither read the events
-  of others nor change or delete any.
-* **relay**: read ``outbox`` and delete from it (retention), and keep its own bookkeeping
+* **producer**: INSERT into ``outbox`` (and the ids' sequence) and nothing else. It can
+  neither read the events of others nor change or delete any.
+* **relay**: read ``outbox`` and delete from it (retention: dropping delivered partitions
+  through the schema's two SECURITY DEFINER functions, deleting rows of ``outbox_default``), and keep its own bookkeeping
   (``outbox_relay_cursor``, ``outbox_batch``, ``outbox_failure``); read the schema version
   and the installation id. This covers the relay, replays, requeue, retention and the checks.
   Creating tables stays with the owner that runs ``outbox-pipeline init``.
@@ -20,7 +21,8 @@ from psycopg import sql
 PRODUCER_ROLE = "outbox_producer"
 RELAY_ROLE = "outbox_relay"
 RELAY_TABLES = ("outbox_relay_cursor", "outbox_batch", "outbox_failure")
-RELAY_READS = ("outbox_installation", "outbox_schema_version")
+RELAY_READS = ("outbox_installation", "outbox_schema_version", "outbox_partitioning")
+PARTITION_FUNCTIONS = "outbox_create_partitions(date, date), outbox_drop_delivered_partitions(timestamptz)"
 
 
 def grant_statements(conn: psycopg.Connection, producer: str = PRODUCER_ROLE, relay: str = RELAY_ROLE) -> list[str]:
@@ -39,7 +41,9 @@ def grant_statements(conn: psycopg.Connection, producer: str = PRODUCER_ROLE, re
     return [
         text(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}, {}").format(s, p, r)),
         text(sql.SQL("GRANT INSERT ON outbox TO {}").format(p)),
-        text(sql.SQL("GRANT SELECT, DELETE ON outbox TO {}").format(r)),
+        text(sql.SQL("GRANT USAGE ON SEQUENCE outbox_id_seq TO {}").format(p)),
+        text(sql.SQL("GRANT SELECT, DELETE ON outbox, outbox_default TO {}").format(r)),
+        text(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(sql.SQL(PARTITION_FUNCTIONS), r)),
         text(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(tables, r)),
         text(sql.SQL("GRANT SELECT ON {} TO {}").format(reads, r)),
         f"GRANT USAGE ON SEQUENCE {batch_sequence} TO {text(r)}",

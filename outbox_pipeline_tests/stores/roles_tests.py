@@ -110,8 +110,9 @@ def test_grants_prints_the_statements_for_a_dba(relay_env):
     lines = printed.stdout.splitlines()
     assert 'CREATE ROLE "outbox_producer" NOLOGIN;' in lines
     assert 'GRANT INSERT ON outbox TO "outbox_producer";' in lines
-    assert 'GRANT SELECT, DELETE ON outbox TO "outbox_relay";' in lines
-    # Nothing else for the producer: no read, no update, no delete.
+    assert 'GRANT SELECT, DELETE ON outbox, outbox_default TO "outbox_relay";' in lines
+    # Nothing else for the producer: no read, no update, no delete; the sequence gives its events their ids.
     assert [line for line in lines if '"outbox_producer"' in line and "GRANT" in line and "USAGE ON SCHEMA" not in line] == [
-        'GRANT INSERT ON outbox TO "outbox_producer";'
+        'GRANT INSERT ON outbox TO "outbox_producer";',
+        'GRANT USAGE ON SEQUENCE outbox_id_seq TO "outbox_producer";',
     ]
