@@ -139,8 +139,13 @@ def cmd_status(stores: _Stores, args: argparse.Namespace) -> int:
         "clickhouse_distinct_event_ids": distinct,
         "in_flight": counts.in_flight,
         "retrying": counts.retrying,
+        "outbox_bytes": outbox.table_statistics()["total_bytes"],
+        "outbox_partitions": len(outbox.list_partitions()),
     }
     warning = outbox.check_xid_horizon()
+    if not warning and outbox.default_partition_holds_events():
+        warning = ("events went to outbox_default (no partition covered their day): they are deleted row by row; "
+                   "run cleanup_outbox daily, it makes the partitions of the coming days")
     if args.json:
         print(json.dumps(report))
     else:

@@ -5,10 +5,12 @@
     python -m outbox_pipeline.bench --steady --rate 50 --rate 1000 [--warmup 60 --measure 240 --idle 60] [--baseline]
     python -m outbox_pipeline.bench --steady --relays 12 --rate 10 [--clickhouse-http] [--warmup 60 --measure 600 --idle 60]
     python -m outbox_pipeline.bench --exactly-once --events 1000000 --events 10000000
+    python -m outbox_pipeline.bench --volume --rate 10000 --measure 60 --retire 100000 --retire 10000000
 
 The first form is the backlog (backlog.py), the second Sentry's overhead (sentry_overhead.py),
 the third the steady state of the real `dagster dev` stack (steady.py), the fourth a fleet of relays beside
-one relay at the same total rate (fleet.py).
+one relay at the same total rate (fleet.py), the last what the outbox costs PostgreSQL at volume, partitioned beside
+unpartitioned (volume.py).
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         "--exactly-once", action="store_true",
         help="instead: a batch sent again beside its first send, and the completeness check's reads (bench/exactly_once.py)",
     )
+    parser.add_argument(
+        "--volume", action="store_true",
+        help="instead: the outbox's cost to PostgreSQL under --rate events/s for --measure s, and retiring a day, "
+        "partitioned beside unpartitioned (bench/volume.py)",
+    )
+    parser.add_argument("--retire", type=int, action="append", help="with --volume: events in the retired day; repeat for several")
+    parser.add_argument("--producers", type=int, default=2, help="with --volume: producer processes")
     parser.add_argument("--repeat", type=int, default=3, help="with --sentry: relay runs per mode (the median is printed)")
     steady = parser.add_argument_group("steady state (the real dagster dev stack under a continuous stream)")
     steady.add_argument("--steady", action="store_true", help="measure the steady state instead of a backlog")
@@ -70,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         from outbox_pipeline.bench.exactly_once import run_exactly_once_bench
 
         return run_exactly_once_bench(args.events or [1_000_000], args.clickhouse_url)
+    if args.volume:
+        return _volume(args)
     if args.steady and args.relays:
         from outbox_pipeline.bench.fleet import run_fleet_bench
 
@@ -98,6 +109,22 @@ def main(argv: list[str] | None = None) -> int:
             reset_stores(database_url, clickhouse_url)
 
             measure_latency_modes(database_url, clickhouse_url, seconds=args.latency_seconds, rate=args.latency_rate)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def _volume(args) -> int:
+    from outbox_pipeline.bench.volume import run_volume_bench
+
+    workdir = Path(tempfile.mkdtemp(prefix="outbox-bench-"))
+    try:
+        server_url = os.environ.get("OUTBOX_BENCH_DATABASE_URL") or embedded_postgres_url(workdir / "postgres", delete_on_exit=True)
+        clickhouse_url = args.clickhouse_url or f"chdb://{workdir / 'clickhouse'}"
+        print(f"stores: PostgreSQL {describe_postgres_url(server_url)}, ClickHouse {describe_clickhouse_url(clickhouse_url)}", file=sys.stderr)
+        [rate] = args.rate or [10_000.0]
+        run_volume_bench(server_url, clickhouse_url, rate=rate, seconds=args.measure, producers=args.producers,
+                         retire=args.retire or [100_000, 10_000_000])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

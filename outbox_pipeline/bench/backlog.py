@@ -31,6 +31,7 @@ import time
 
 import psycopg
 
+from outbox_pipeline.stores import migrations
 from outbox_pipeline.stores.batch_reads import stream_csv
 from outbox_pipeline.stores.clickhouse_connection import clickhouse_client
 from outbox_pipeline.stores.event_columns import EVENT_COLUMNS
@@ -70,10 +71,8 @@ FROM generate_series(1, %(events)s) AS n
 
 def reset_stores(database_url: str, clickhouse_url: str) -> None:
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(
-            "DROP TABLE IF EXISTS outbox, outbox_batch, outbox_failure, outbox_relay_cursor, outbox_installation, "
-            "outbox_schema_version, outbox_naive CASCADE"
-        )
+        migrations.drop_outbox_schema(conn)
+        conn.execute("DROP TABLE IF EXISTS outbox_naive")
     store = OutboxStore.connect(database_url)
     store.migrate()
     store.close()

@@ -152,9 +152,9 @@ class RelaySettings(ProducerSettings):
     check_cron: str = _env("OUTBOX_CHECK_CRON", "*/15 * * * *", "Cron of the event_log checks (UTC).")
     retention_days: int = _env(
         "OUTBOX_RETENTION_DAYS",
-        7,
+        3,
         "cleanup_outbox drops the days of delivered events older than this: the outbox keeps what is not yet "
-        "delivered plus a window for replays; ClickHouse is the archive.",
+        "delivered plus a window to replay from (a weekend's gap found on Monday); ClickHouse is the archive.",
         ge=1,
     )
     replay_start_date: dt.date = _env("OUTBOX_REPLAY_START_DATE", dt.date(2026, 1, 1), "First partition of the replay job.")

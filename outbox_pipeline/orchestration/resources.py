@@ -40,7 +40,7 @@ class OutboxDatabaseResource(dg.ConfigurableResource):
     retry_base_seconds: float = 0.5
     max_event_attempts: int = 5
     event_retry_base_seconds: float = 30.0
-    retention_days: int = 7
+    retention_days: int = 3
     follow_seconds: float = Field(default=1200.0, description="How long a run keeps relaying new events after its backlog.")
     follow_quiet_seconds: float = 60.0
     follow_interval_seconds: float = 2.0

@@ -95,6 +95,20 @@ def _apply(conn: psycopg.Connection, version: int, name: str, sql: str) -> None:
             time.sleep(LOCK_RETRY_PAUSE_SECONDS)
 
 
+# Every table the numbered migrations create (the partitions go with outbox).
+SCHEMA_TABLES = (
+    "outbox", "outbox_batch", "outbox_failure", "outbox_relay_cursor", "outbox_installation", "outbox_schema_version",
+    "outbox_partitioning",
+)
+
+
+def drop_outbox_schema(conn: psycopg.Connection) -> None:
+    """Remove the outbox schema with every event in it (benches and tests start over with it)."""
+    with conn.transaction():
+        conn.execute(f"DROP TABLE IF EXISTS {', '.join(SCHEMA_TABLES)} CASCADE")
+        conn.execute("DROP FUNCTION IF EXISTS outbox_create_partitions(date, date), outbox_drop_delivered_partitions(timestamptz)")
+
+
 def check_version(conn: psycopg.Connection, where: str) -> None:
     """Raise SchemaMissingError or SchemaOutdatedError unless the database is at LATEST_VERSION."""
     versions = applied_versions(conn)

@@ -202,6 +202,9 @@ class OutboxStore:
     def list_partitions(self) -> list[partitions.Partition]:
         return partitions.list_partitions(self.conn)
 
+    def default_partition_holds_events(self) -> bool:
+        return partitions.default_partition_holds_events(self._relay_conn())
+
     def delete_finished_batches_before(self, cutoff: dt.datetime, *, chunk_size: int = 10_000) -> int:
         return replay_retention.delete_finished_batches_before(self._relay_conn(), cutoff, chunk_size=chunk_size)
 

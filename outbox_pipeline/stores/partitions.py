@@ -70,3 +70,8 @@ def list_partitions(conn: psycopg.Connection) -> list[Partition]:
         """
     ).fetchall()
     return [Partition(*row) for row in rows]
+
+
+def default_partition_holds_events(conn: psycopg.Connection) -> bool:
+    """Whether events went to outbox_default: days nobody made a partition for in time."""
+    return conn.execute("SELECT EXISTS (SELECT 1 FROM outbox_default)").fetchone()[0]

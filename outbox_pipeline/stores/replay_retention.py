@@ -16,8 +16,14 @@ import psycopg
 from outbox_pipeline.stores.batch_reads import SELECT_EVENT_COLUMNS, copy_csv
 from outbox_pipeline.stores.relay_identity import RelayIdentity
 
+# Where rows are deleted one by one: the default partition, or (benches measuring the
+# schema before version 6) the whole unpartitioned outbox.
+ROW_DELETE_TABLES = ("outbox_default", "outbox")
 
-def delete_processed_before(conn: psycopg.Connection, cutoff: dt.datetime, *, chunk_size: int) -> int:
+
+def delete_processed_before(
+    conn: psycopg.Connection, cutoff: dt.datetime, *, chunk_size: int, table: str = "outbox_default"
+) -> int:
     """Delete one chunk of events of ``outbox_default`` created before ``cutoff`` that every relay they match has delivered.
 
     The daily partitions go whole (partitions.py); only the events no partition covered
@@ -25,8 +31,10 @@ def delete_processed_before(conn: psycopg.Connection, cutoff: dt.datetime, *, ch
     release, an event is kept from the first key of a relay's oldest range batch still
     in flight on.
     """
+    if table not in ROW_DELETE_TABLES:
+        raise ValueError(f"rows are deleted from one of {ROW_DELETE_TABLES}, not {table!r}")
     row = conn.execute(
-        """
+        f"""
         WITH relays AS (
             SELECT r.event_type_patterns AS patterns, r.claimed_txid, r.claimed_id, b.first_txid, b.first_id
             FROM outbox_relay_cursor r
@@ -37,7 +45,7 @@ def delete_processed_before(conn: psycopg.Connection, cutoff: dt.datetime, *, ch
             ) b ON true
         ),
         doomed AS (
-            SELECT o.id FROM outbox_default o
+            SELECT o.id FROM {table} o
             WHERE o.created_at < %(cutoff)s
               AND NOT EXISTS (SELECT 1 FROM outbox_failure f WHERE f.outbox_id = o.id)
               AND NOT EXISTS (
@@ -46,7 +54,7 @@ def delete_processed_before(conn: psycopg.Connection, cutoff: dt.datetime, *, ch
                     AND ((o.txid, o.id) > (r.claimed_txid, r.claimed_id) OR (o.txid, o.id) >= (r.first_txid, r.first_id)))
             ORDER BY o.created_at LIMIT %(n)s
         ),
-        deleted AS (DELETE FROM outbox_default WHERE id IN (SELECT id FROM doomed) RETURNING 1)
+        deleted AS (DELETE FROM {table} WHERE id IN (SELECT id FROM doomed) RETURNING 1)
         SELECT count(*) FROM deleted
         """,
         {"cutoff": cutoff, "n": chunk_size},

@@ -143,7 +143,7 @@ def check_xid_horizon(conn: psycopg.Connection) -> str | None:
 
 
 def table_statistics(conn: psycopg.Connection) -> dict:
-    """Sizes and tuples of the outbox, summed over its partitions."""
+    """Sizes and tuples of the outbox, summed over its partitions (or of the table, before schema version 6)."""
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(
             """
@@ -151,7 +151,8 @@ def table_statistics(conn: psycopg.Connection) -> dict:
                    coalesce(sum(pg_relation_size(p.relid)), 0)::bigint AS heap_bytes,
                    coalesce(sum(pg_indexes_size(p.relid)), 0)::bigint AS index_bytes,
                    coalesce(sum(s.n_live_tup), 0)::bigint AS live_tuples, coalesce(sum(s.n_dead_tup), 0)::bigint AS dead_tuples
-            FROM pg_partition_tree('outbox') p LEFT JOIN pg_stat_user_tables s ON s.relid = p.relid
-            WHERE p.isleaf
+            FROM (SELECT relid FROM pg_partition_tree('outbox') WHERE isleaf
+                  UNION ALL SELECT oid::regclass FROM pg_class WHERE oid = 'outbox'::regclass AND relkind = 'r') p
+            LEFT JOIN pg_stat_user_tables s ON s.relid = p.relid
             """
         ).fetchone()

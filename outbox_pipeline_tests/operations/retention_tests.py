@@ -69,6 +69,6 @@ def test_cleanup_reports_its_counts_as_metadata(relay_env, outbox):
     [output] = [event for event in result.all_events if event.event_type_value == "STEP_OUTPUT"]
     metadata = output.step_output_data.metadata
     assert metadata["events_deleted"].value == 0
-    assert metadata["retention_days"].value == 7
+    assert metadata["retention_days"].value == 3
     assert (metadata["partitions_dropped"].value, metadata["partitions_kept"].value) == (0, {})
     assert {"batches_deleted", "chunks", "failed_kept", "cutoff", "duration_seconds"} <= set(metadata)

@@ -3,7 +3,7 @@ import gc
 import psycopg
 import pytest
 
-from outbox_pipeline.stores import batch_reads
+from outbox_pipeline.stores import batch_reads, migrations
 from outbox_pipeline.stores.outbox_store import OutboxStore
 from outbox_pipeline_tests.conftest import event_log_store
 from outbox_pipeline_tests.support.relay_runs import publish_raw
@@ -105,10 +105,7 @@ def test_deduplication_tokens_differ_between_outbox_installations(relay_env, out
     publish_raw(relay_env["OUTBOX_DATABASE_URL"], 1)
     handle = outbox.claim_next_batch(claimed_by="t", batch_size=10, lease_seconds=60)
     with psycopg.connect(relay_env["OUTBOX_DATABASE_URL"], autocommit=True) as conn:
-        conn.execute(
-            "DROP TABLE outbox, outbox_batch, outbox_failure, outbox_relay_cursor, outbox_installation, outbox_schema_version, "
-            "outbox_partitioning CASCADE"
-        )
+        migrations.drop_outbox_schema(conn)
     fresh = OutboxStore.connect(relay_env["OUTBOX_DATABASE_URL"])
     fresh.migrate()
     publish_raw(relay_env["OUTBOX_DATABASE_URL"], 1)
