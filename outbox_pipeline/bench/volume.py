@@ -109,21 +109,24 @@ def measure_footprint(url: str, *, calls_of_many: int = 30, single_calls: int = 
     return {"publish_many_us": statistics.median(many[warm[0]]) / 1_000 * 1e6, "publish_one_us": statistics.median(single[warm[1]]) * 1e6}
 
 
-def _produce(url: str, rate: float, seconds: float, environment: str, counter) -> None:
+def _produce(url: str, rate: float, seconds: float, environment: str, counter, slowest) -> None:
     with psycopg.connect(url) as conn:
         started = time.monotonic()
         sent = 0
         while time.monotonic() - started < seconds:
             # event_date_time just before the commit: the lag is measured from it.
             now = dt.datetime.now(dt.UTC)
+            call_started = time.monotonic()
             publish_many(conn, [
                 RawEvent(event_id=uuid.uuid4(), event_type="order_paid", context=CONTEXT, environment=environment, event_date_time=now)
                 for _ in range(EVENTS_PER_TRANSACTION)
             ])
             conn.commit()
+            took = time.monotonic() - call_started
             sent += EVENTS_PER_TRANSACTION
             with counter.get_lock():
                 counter.value += EVENTS_PER_TRANSACTION
+                slowest.value = max(slowest.value, took)
             ahead = sent / rate - (time.monotonic() - started)
             if ahead > 0:
                 time.sleep(ahead)
@@ -137,10 +140,11 @@ def measure_sustained(url: str, version: int, clickhouse_url: str, *, rate: floa
     relay = Relay(store, event_log, RelayPolicy(batch_size=100_000), claimed_by="volume-bench")
     relay.drain()  # the footprint's events
     context = multiprocessing.get_context("spawn")
-    counter = context.Value("q", 0)
+    counter, slowest = context.Value("q", 0), context.Value("d", 0.0)
     with psycopg.connect(url, autocommit=True) as conn:
         cpu, lsn = _server_cpu_seconds(conn), _wal_lsn(conn)
-        workers = [context.Process(target=_produce, args=(url, rate / producers, seconds, environment, counter)) for _ in range(producers)]
+        workers = [context.Process(target=_produce, args=(url, rate / producers, seconds, environment, counter, slowest))
+                   for _ in range(producers)]
         started = time.monotonic()
         for worker in workers:
             worker.start()
@@ -215,6 +219,40 @@ def measure_retire_day(url: str, version: int, events: int) -> dict:
     return {"seconds": seconds, "wal_bytes": wal, "pg_cpu_seconds": cpu}
 
 
+def measure_upgrade(url: str, *, events: int, rate: float, producers: int) -> dict:
+    """Schema 3 holding ``events`` events upgraded to this release while producers commit ``rate`` events/s."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO outbox (event_id, event_type, event_date_time, environment, event_context) "
+            "SELECT gen_random_uuid(), 'order_paid', now(), 'upgrade', %s FROM generate_series(1, %s)",
+            (CONTEXT, events),
+        )
+        conn.execute("VACUUM ANALYZE outbox")
+    context = multiprocessing.get_context("spawn")
+    counter, slowest = context.Value("q", 0), context.Value("d", 0.0)
+    workers = [context.Process(target=_produce, args=(url, rate / producers, 3_600, "upgrade", counter, slowest))
+               for _ in range(producers)]
+    for worker in workers:
+        worker.start()
+    while counter.value < rate:  # producers warmed up: a second's worth written
+        time.sleep(0.1)
+    with counter.get_lock():
+        slowest.value = 0.0
+    store = OutboxStore.connect(url)
+    started = time.perf_counter()
+    applied = store.migrate()
+    seconds = time.perf_counter() - started
+    time.sleep(2)
+    for worker in workers:
+        worker.terminate()
+        worker.join()
+    with psycopg.connect(url) as conn:
+        (partitioned,) = conn.execute("SELECT relkind = 'p' FROM pg_class WHERE oid = 'outbox'::regclass").fetchone()
+    store.close()
+    assert applied and partitioned
+    return {"upgrade_seconds": seconds, "upgrade_slowest_commit": slowest.value, "upgrade_rows": events}
+
+
 def run_volume_bench(server_url: str, clickhouse_url: str, *, rate: float, seconds: float, producers: int, retire: list[int]) -> dict:
     results: dict[str, dict] = {}
     for layout, version in LAYOUTS.items():
@@ -227,11 +265,17 @@ def run_volume_bench(server_url: str, clickhouse_url: str, *, rate: float, secon
         for events in retire:
             print(f"{layout}: retiring a day of {events:,} events ...", flush=True)
             result[f"retire_{events}"] = measure_retire_day(url, version, events)
+        if version < PARTITIONED_SINCE:
+            print(f"{layout}: upgrading with {max(retire):,} events in it while producers write ...", flush=True)
+            upgrade = measure_upgrade(url, events=max(retire), rate=rate, producers=producers)
         # A day at the asked rate: the largest day measured, scaled by rows where retiring costs per row.
         largest = result[f"retire_{max(retire)}"]["seconds"]
         result["day_seconds"] = largest * (rate * 86_400 / max(retire) if version < PARTITIONED_SINCE else 1)
         results[layout] = result
     print_volume_table(results, rate, retire)
+    print(f"\nupgrade of the unpartitioned outbox holding {upgrade['upgrade_rows']:,} events to this release, producers writing "
+          f"{rate:,.0f} events/s: {upgrade['upgrade_seconds']:.1f} s in all; the slowest producer transaction "
+          f"({EVENTS_PER_TRANSACTION} events) took {upgrade['upgrade_slowest_commit'] * 1000:.0f} ms")
     return results
 
 
@@ -249,7 +293,7 @@ def print_volume_table(results: dict[str, dict], rate: float, retire: list[int])
         ("WAL per event, bytes", lambda r: f"{r['wal_bytes_per_event']:.0f}"),
     ]
     for events in retire:
-        rows.append((f"retire a day of {events:,}: s / WAL MB", lambda r, n=events: f"{r[f'retire_{n}']['seconds']:.2f} / {r[f'retire_{n}']['wal_bytes'] / 1e6:.1f}"))
+        rows.append((f"retire a day of {events:,}: s / WAL MB", lambda r, n=events: f"{r[f'retire_{n}']['seconds']:.3f} / {r[f'retire_{n}']['wal_bytes'] / 1e6:.1f}"))
     rows.append((
         f"a day at {rate:,.0f}/s ({rate * 86_400 / 1e6:,.0f}M events): s (scaled from {max(retire):,} where per row)",
         lambda r: f"{r['day_seconds']:,.1f}",
