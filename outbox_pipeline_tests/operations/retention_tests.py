@@ -1,5 +1,7 @@
 """cleanup_outbox on a real PostgreSQL outbox: what it deletes, what it keeps, in how many chunks."""
 
+import datetime as dt
+
 import psycopg
 
 from outbox_pipeline_tests.operations.support import publish_on, publish_poison, run_cleanup, utc_today
@@ -72,3 +74,29 @@ def test_cleanup_reports_its_counts_as_metadata(relay_env, outbox):
     assert metadata["retention_days"].value == 3
     assert (metadata["partitions_dropped"].value, metadata["partitions_kept"].value) == (0, {})
     assert {"batches_deleted", "chunks", "failed_kept", "cutoff", "duration_seconds"} <= set(metadata)
+
+
+def test_cleanup_drops_a_delivered_day_and_keeps_the_day_a_relay_is_behind_on(relay_env, outbox):
+    url = relay_env["OUTBOX_DATABASE_URL"]
+    delivered_day, behind_day = utc_today() - dt.timedelta(days=6), utc_today() - dt.timedelta(days=5)
+    publish_raw(url, 30)
+    assert run_relay(run_config={"batch_size": 30}).success  # ids 1-30 delivered
+    publish_raw(url, 10)  # ids 31-40: the relay is behind on them
+    with psycopg.connect(url) as conn:
+        conn.execute("SELECT outbox_create_partitions(%s, %s)", (delivered_day, behind_day))
+        for (first, last), day in (((1, 30), delivered_day), ((31, 40), behind_day)):
+            conn.execute("UPDATE outbox SET created_at = %s WHERE id BETWEEN %s AND %s",
+                         (dt.datetime.combine(day, dt.time(12), dt.UTC), first, last))
+
+    result = run_cleanup()
+
+    assert result.success
+    summary = result.output_for_node("delete_old_outbox_events")
+    assert summary["partitions_dropped"] == 1
+    assert summary["partitions_kept"] == {f"outbox_p{behind_day:%Y%m%d}": "kept: events not yet delivered"}
+    assert outbox_ids(url) == list(range(31, 41))
+    assert outbox.counts().pending == 10
+    # Caught up, the next run drops that day too.
+    assert run_relay(run_config={"batch_size": 30}).success
+    assert run_cleanup().output_for_node("delete_old_outbox_events")["partitions_dropped"] == 1
+    assert outbox_ids(url) == []
