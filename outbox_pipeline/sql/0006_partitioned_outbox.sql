@@ -31,6 +31,8 @@ DECLARE
     legacy   timestamptz := (SELECT legacy_until FROM outbox_partitioning);
     made     integer := 0;
 BEGIN
+    -- The retention runs of several relays on one outbox take turns here and in the drop below.
+    PERFORM pg_advisory_xact_lock(7245100102);
     -- Making a partition locks the outbox briefly: never let producers queue behind it for long.
     PERFORM set_config('lock_timeout', '100ms', true);
     FOR day IN SELECT d::date FROM generate_series(first_day::timestamp, last_day::timestamp, interval '1 day') AS d LOOP
@@ -60,6 +62,7 @@ DECLARE
     part  record;
     kept  text;
 BEGIN
+    PERFORM pg_advisory_xact_lock(7245100102);
     PERFORM set_config('lock_timeout', '100ms', true);
     FOR part IN
         SELECT c.oid::regclass AS rel, c.relname::text AS name, greatest(c.reltuples, 0)::bigint AS estimate,
