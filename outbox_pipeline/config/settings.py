@@ -115,7 +115,7 @@ class ProducerSettings(BaseSettings):
 
 
 class RelaySettings(ProducerSettings):
-    """All variables, by their environment names; see ``.env.example`` and the README."""
+    """All variables, by their environment names; see ``.env.example`` and docs/configuration.md."""
 
     # -- stores ---------------------------------------------------------------------------
     outbox_database_url: str | None = Field(

@@ -126,7 +126,7 @@ def test_stopping_scripts_dev_stops_what_it_started(dev_dirs, stop_signal):
 
 
 def test_dg_comes_with_the_package_scripts_dev_installs():
-    # scripts/dev installs the package alone (no test extras), and the README sends its users to `dg`.
+    # scripts/dev installs the package alone (no test extras), and the docs send their users to `dg`.
     import tomllib
 
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
