@@ -56,8 +56,18 @@ def describe(pids: list[int]) -> list[str]:
     return described
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_stopping_scripts_dev_stops_what_it_started(dev_dirs, stop_signal):
+def started_in_the_background() -> None:
+    """As a non-interactive shell starts `scripts/dev &` (CI, nohup, a process manager): SIGINT ignored, SIGTERM not."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize(
+    ("stop_signal", "started_as"),
+    [(signal.SIGTERM, default_signal_handling), (signal.SIGINT, default_signal_handling), (signal.SIGTERM, started_in_the_background)],
+    ids=["SIGTERM", "SIGINT", "SIGTERM-started-in-the-background"],
+)
+def test_stopping_scripts_dev_stops_what_it_started(dev_dirs, stop_signal, started_as):
     state_dir, home = dev_dirs
     env = {
         **stack_environment(state_dir, home),
@@ -75,7 +85,7 @@ def test_stopping_scripts_dev_stops_what_it_started(dev_dirs, stop_signal):
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, as a terminal gives it
-            preexec_fn=default_signal_handling,
+            preexec_fn=started_as,
         )
     stack = Stack(process, port, env, state_dir, log_path)
     try:
@@ -95,6 +105,7 @@ def test_stopping_scripts_dev_stops_what_it_started(dev_dirs, stop_signal):
         os.killpg(process.pid, stop_signal)  # Ctrl-C in a terminal sends SIGINT to the whole group
         process.wait(timeout=180)
         stop_seconds = time.monotonic() - stop_started
+        print(f"scripts/dev stopped in {stop_seconds:.1f} s after {stop_signal.name}")
         output = log_path.read_text(errors="replace")
 
         problems = []
