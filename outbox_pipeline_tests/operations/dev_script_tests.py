@@ -33,7 +33,7 @@ from outbox_pipeline_tests.operations.dagster_dev_e2e_tests import (
 
 # Dagster's warning when DAGSTER_HOME is set and another folder's dagster.yaml is in the working directory.
 UNUSED_DAGSTER_YAML_WARNING = "will not be used to configure Dagster"
-# Ctrl-C stops everything within this (measured: 6-8 s on two shared cores, a run following the stream included).
+# Ctrl-C stops everything within this (measured: 6-12 s on two shared cores under a load of 3-16, a run following the stream included).
 STOP_WITHIN_SECONDS = 15
 
 
