@@ -11,7 +11,7 @@ missed check-in only when work waits and no run finishes or keeps up in time.
 Each relay of a code location has its own monitor: ``SENTRY_CRON_MONITOR_SLUG``
 (default ``outbox-relay``) for the default relay, ``<slug>-<relay>`` for the
 others. The schedule is ``SENTRY_CRON_SCHEDULE`` (crontab) or else an interval
-of ``SENTRY_CRON_INTERVAL_MINUTES``; see the README for the other settings.
+of ``SENTRY_CRON_INTERVAL_MINUTES``; see docs/sentry.md for the other settings.
 """
 
 from __future__ import annotations

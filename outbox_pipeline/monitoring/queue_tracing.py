@@ -7,7 +7,7 @@ of the batch's traced events in one query and sends, for each, a transaction tha
 continues the producer's trace: op ``queue.task.outbox``, with one ``queue.process``
 span carrying what the Queues module reads. The run's own transaction is untouched.
 
-The sample (README, "Sentry's Queues module"): always the events ClickHouse rejected
+The sample (docs/sentry.md, "Sentry's Queues module"): always the events ClickHouse rejected
 in this batch and those being retried (at most RETRIED_LIMIT of a retry batch), and of
 the other traced events at most SAMPLE_SIZE, spread evenly over the batch. The query
 looks at every row of a batch of at most EXAMINED_ROWS, and at EXAMINED_ROWS rows spread

@@ -12,7 +12,7 @@ Each instance gets its own relay, requeue, replay, cleanup and check jobs, senso
 schedules and asset, named with its ``name`` (``process_outbox_events_orders``),
 and its own bookkeeping in the outbox, so several relays can read one outbox.
 Batch sizes, leases, retries, cadences and Sentry come from the code location's
-environment (see the README), read once for every relay.
+environment (see docs/configuration.md), read once for every relay.
 
 A URL given as ``{{ env.NAME }}`` stays a reference to that variable: the UI shows
 the variable's name, never the URL and its password.

@@ -1,6 +1,6 @@
 """A relay's batches: claim, lease, read, split and mark, on the PostgreSQL outbox.
 
-Design (see README, "Delivery guarantees"):
+Design (see docs/guarantees.md):
 
 * Producers only INSERT into ``outbox``; each row records the id of its writing
   transaction (``txid``, xid8). The relay never updates or deletes event rows

@@ -137,7 +137,7 @@ def check_xid_horizon(conn: psycopg.Connection) -> str | None:
     if row:
         return (
             f"the relay cursor (transaction {row[0]}) is ahead of this server's transaction counter ({row[1]}): "
-            "the outbox was restored from a dump; see 'Restoring the outbox' in the README"
+            "the outbox was restored from a dump; see 'Restoring the outbox' in docs/upgrading.md"
         )
     return None
 

@@ -1,6 +1,6 @@
 """The events of a loaded batch whose Sentry traces the relay continues (Sentry's Queues module).
 
-A sample, read in one query per batch and only when Sentry is on: see README, "Sentry's
+A sample, read in one query per batch and only when Sentry is on: see docs/sentry.md, "Sentry's
 Queues module", and monitoring/queue_tracing.py.
 """
 
@@ -51,7 +51,7 @@ def read_trace_sample(
     examined_rows: int,
     retried_limit: int,
 ) -> list[TracedEvent]:
-    """The traced events of a batch whose traces the relay continues, in one query (see README, "Sentry's Queues module").
+    """The traced events of a batch whose traces the relay continues, in one query (see docs/sentry.md, "Sentry's Queues module").
 
     Always: the rejected events and those retried (at most ``retried_limit`` of a retry batch
     besides the rejected). Of the other traced events, all if at most ``sample_size``, else

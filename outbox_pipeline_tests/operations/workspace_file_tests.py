@@ -9,7 +9,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_commands_named_with_the_workspace_file_take_it():
-    text = (REPO_ROOT / "workspace.yaml").read_text() + (REPO_ROOT / "README.md").read_text()
+    documents = [REPO_ROOT / "workspace.yaml", REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+    text = "".join(document.read_text() for document in documents)
     commands = set(re.findall(r"dagster ((?:[a-z]+ )?[a-z]+) -w workspace\.yaml", text))
     assert commands
     for command in sorted(commands):

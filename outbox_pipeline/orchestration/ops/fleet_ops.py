@@ -142,20 +142,20 @@ def build_follow_fleet_op(relay_names: list[str]) -> dg.OpDefinition:
             # One process at a time can open the embedded ClickHouse: a run queued for it must not wait for this one.
             return ENDED_QUEUED_RUN if embedded and runs_waiting_for_embedded_clickhouse(context.instance) else None
 
-        context.instance.add_run_tags(context.run_id, {FLEET_RELAYS_TAG: ",".join(relay_names)})
-
         fleet = Fleet(
             [FleetMember(relay.name, lambda stop, touch, relay=relay: relay.follow(limits, stop, touch)) for relay in relays],
             follow_seconds=limits.follow_seconds, quiet_seconds=limits.quiet_seconds,
             retry_base_seconds=max(limits.interval_seconds, relays[0].outbox.retry_base_seconds), should_stop=should_stop,
         )
-        context.log.info(
-            f"following {len(relays)} relay{'' if len(relays) == 1 else 's'}: a look every {limits.interval_seconds:g} s, for up to {limits.follow_seconds:g} s, "
-            f"until none of them received an event for {limits.quiet_seconds:g} s"
-        )
         run = context.dagster_run
         failed: set[str] = set()
         try:
+            # Inside the try: a stop that comes while the run writes its first records ends it as a success too.
+            context.instance.add_run_tags(context.run_id, {FLEET_RELAYS_TAG: ",".join(relay_names)})
+            context.log.info(
+                f"following {len(relays)} relay{'' if len(relays) == 1 else 's'}: a look every {limits.interval_seconds:g} s, "
+                f"for up to {limits.follow_seconds:g} s, until none of them received an event for {limits.quiet_seconds:g} s"
+            )
             for message in fleet.messages():
                 relay = by_name[message.member]
                 if message.error is not None:
