@@ -1,4 +1,4 @@
-"""The `outbox-pipeline` command: init, demo, status, relay, requeue, start, stop.
+"""The `outbox-pipeline` command: init, demo, status, relay, requeue, end-runs, start, stop.
 
 Every expected failure ends in one line on stderr and a non-zero exit code.
 """
@@ -157,6 +157,19 @@ def cmd_status(stores: _Stores, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_end_runs(stores: _Stores, args: argparse.Namespace) -> int:
+    """Ask the fleet's runs in progress in $DAGSTER_HOME to end as a success, and wait for them."""
+    import dagster as dg
+
+    from outbox_pipeline.orchestration.stopping import ask_fleet_runs_to_end, wait_for_runs_to_end
+
+    with dg.DagsterInstance.get() as instance:
+        asked = ask_fleet_runs_to_end(instance, "the deployment is stopping")
+        left = wait_for_runs_to_end(instance, asked, args.wait)
+    print(f"asked {len(asked)} relay runs to end; {len(asked) - len(left)} ended" + (f", still running: {', '.join(left)}" if left else ""))
+    return 0
+
+
 def cmd_relay(stores: _Stores, args: argparse.Namespace) -> int:
     """Drain the outbox once, outside Dagster (for scripts and debugging)."""
     import os
@@ -269,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     requeue.add_argument("--event-type", default=None)
     requeue.add_argument("--all", action="store_true")
     requeue.set_defaults(handler=cmd_requeue)
+
+    end_runs = commands.add_parser(
+        "end-runs", help="ask the fleet's relay runs in progress ($DAGSTER_HOME) to end as a success, before stopping Dagster"
+    )
+    end_runs.add_argument("--wait", type=_positive_float, default=10.0, help="seconds to wait for them to end (default 10)")
+    end_runs.set_defaults(handler=cmd_end_runs, start_embedded_postgres=False)
 
     start = commands.add_parser("start", help="start the embedded PostgreSQL server (it runs until `stop`)")
     start.set_defaults(handler=cmd_start)
