@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import psycopg
 
-from outbox_pipeline.config.errors import OutboxPipelineError, one_line
+from outbox_pipeline.config.errors import ConfigurationError, OutboxPipelineError, one_line
 from outbox_pipeline.config.settings import RelaySettings
 from outbox_pipeline.stores.clickhouse_connection import translate_clickhouse_error
 from outbox_pipeline.stores.embedded_postgres import (
@@ -159,10 +159,14 @@ def cmd_status(stores: _Stores, args: argparse.Namespace) -> int:
 
 def cmd_end_runs(stores: _Stores, args: argparse.Namespace) -> int:
     """Ask the fleet's runs in progress in $DAGSTER_HOME to end as a success, and wait for them."""
+    import os
+
     import dagster as dg
 
     from outbox_pipeline.orchestration.stopping import ask_fleet_runs_to_end, wait_for_runs_to_end
 
+    if not os.environ.get("DAGSTER_HOME"):
+        raise ConfigurationError("DAGSTER_HOME is not set: set it to the deployment's Dagster home (scripts/dev uses .dagster_home)")
     with dg.DagsterInstance.get() as instance:
         asked = ask_fleet_runs_to_end(instance, "the deployment is stopping")
         left = wait_for_runs_to_end(instance, asked, args.wait)
