@@ -69,7 +69,7 @@ class Fleet:
         quiet_seconds: float,
         retry_base_seconds: float,
         should_stop: Callable[[], str | None] = lambda: None,
-        stop_check_seconds: float = 2.0,
+        stop_check_seconds: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ):
         names = [member.name for member in members]
