@@ -58,3 +58,17 @@ def typed_counts(url: str) -> dict[str, tuple[int, int]]:
 
 def expected_counts(published: Published) -> dict[str, tuple[int, int]]:
     return {table: (published.per_type.get(table, 0), published.per_type.get(table, 0)) for table in TYPED_TABLES}
+
+
+def csv_of(events) -> bytes:
+    """Events as the outbox hands them to ClickHouse (CSV in event_log column order)."""
+    import csv
+    import io
+
+    from outbox_pipeline.producer.events import outbox_row
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    for event_id, event_type, when, environment, context, version in map(outbox_row, events):
+        writer.writerow([event_id, event_type, when.strftime("%Y-%m-%d %H:%M:%S.%f+00"), environment, context, version])
+    return buffer.getvalue().encode()
