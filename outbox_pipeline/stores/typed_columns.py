@@ -45,6 +45,8 @@ from outbox_pipeline.config.errors import ConfigurationError
 from outbox_pipeline.stores.event_columns import DEFAULT_TABLE
 
 CONTEXT = "event_context"
+# The payload's top-level fields as raw JSON texts, parsed once per row: each field then reads only its own text.
+FIELDS = "__fields"
 DEFAULT_DECIMAL = (38, 9)
 ENVELOPE_COLUMNS = (
     ("event_id", "UUID"),
@@ -53,6 +55,8 @@ ENVELOPE_COLUMNS = (
     ("metadata_version", "UInt32"),
 )
 _ENVELOPE_FIELDS = {name for name, _ in ENVELOPE_COLUMNS}
+# Read by the typed tables' queries under these names: a field of that name would shadow them.
+_RESERVED = {"event_type", CONTEXT, "loaded_at"}
 _INTEGER = "('Int64', 'UInt64')"
 _NUMBER = "('Int64', 'UInt64', 'Double')"
 _ISO_TIME = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}"
@@ -142,15 +146,21 @@ class TypedTable:
 
     @property
     def parses_sql(self) -> str:
-        return " AND ".join(["isValidJSON(event_context)", *(f"({c.parses_sql})" for c in self.columns)])
+        """1 when the row parses; over ``rows_sql``."""
+        return " AND ".join([f"isValidJSON({CONTEXT})", *(f"({c.parses_sql})" for c in self.columns)])
+
+    def rows_sql(self, source_sql: str, where: str = "") -> str:
+        """The source table's rows of this event type (and ``where``), each with its payload's fields split out."""
+        return (
+            f"(SELECT event_id, event_date_time, environment, metadata_version, {CONTEXT}, "
+            f"CAST(JSONExtractKeysAndValuesRaw({CONTEXT}), 'Map(String, String)') AS {FIELDS} "
+            f"FROM {source_sql} WHERE event_type = {_sql_string(self.event_type)}{' AND ' + where if where else ''})"
+        )
 
     def select_sql(self, source_sql: str, where: str = "") -> str:
         """The SELECT from the source table that the view and every rebuild run: the same rows, the same values."""
         values = ", ".join([*(name for name, _ in ENVELOPE_COLUMNS), *(f"{c.value_sql} AS `{c.name}`" for c in self.columns)])
-        return (
-            f"SELECT {values} FROM {source_sql} "
-            f"WHERE event_type = {_sql_string(self.event_type)} AND {self.parses_sql}{' AND ' + where if where else ''}"
-        )
+        return f"SELECT {values} FROM {self.rows_sql(source_sql, where)} WHERE {self.parses_sql}"
 
     @property
     def fingerprint(self) -> str:
@@ -176,6 +186,8 @@ def typed_table(event_class: type, source: str = DEFAULT_TABLE) -> TypedTable:
         where = f"{event_class.__name__}.{name}"
         if not name.isidentifier() or name.startswith("_"):
             raise ConfigurationError(f"event class field {where}: name it with letters, digits and underscores")
+        if name in _RESERVED:
+            raise ConfigurationError(f"event class field {where}: {name} is a column of event_log; rename the field")
         columns.append(_column(name, field, where))
     return TypedTable(event_type, event_class.__qualname__, typed_table_name(event_type, source), source, tuple(columns))
 
@@ -196,14 +208,14 @@ def typed_tables(event_classes, source: str = DEFAULT_TABLE) -> tuple[TypedTable
 
 def _column(name: str, field, where: str) -> TypedColumn:
     annotation, optional = _unwrap_optional(field.annotation)
-    raw = f"JSONExtractRaw({CONTEXT}, {_sql_string(name)})"
-    absent = f"(JSONType({CONTEXT}, {_sql_string(name)}) IN ('Null') OR NOT JSONHas({CONTEXT}, {_sql_string(name)}))"
+    raw = f"{FIELDS}[{_sql_string(name)}]"
+    absent = f"JSONType({raw}) = 'Null'"  # null, or no such key (an empty text)
     if typing.get_origin(annotation) in (list, tuple, set, frozenset) or annotation in (list, tuple, set, frozenset):
         if optional:
             raise _unsupported(where, field.annotation, "an Array cannot be Nullable: declare it list[...] = [] (Field(default_factory=list))")
         element = _scalar(_list_element(annotation, where), where, field)
-        parsed = f"arrayMap(r -> {element.parse('r')}, JSONExtractArrayRaw({CONTEXT}, {_sql_string(name)}))"
-        parses = f"JSONType({CONTEXT}, {_sql_string(name)}) = 'Array' AND arrayAll(v -> isNotNull(v), {parsed})"
+        parsed = f"arrayMap(r -> {element.parse('r')}, JSONExtractArrayRaw({raw}))"
+        parses = f"JSONType({raw}) = 'Array' AND arrayAll(v -> isNotNull(v), {parsed})"
         if not field.is_required():
             parses = f"{absent} OR ({parses})"
         value = f"arrayMap(v -> assumeNotNull(v), {parsed})"

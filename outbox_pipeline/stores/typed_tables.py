@@ -229,8 +229,7 @@ class TypedTablesStore:
         parses = f"({table.parses_sql})"
         source_rows, failures, example = self.client.query(
             f"SELECT uniqExact(event_id), uniqExactIf(event_id, NOT {parses}), toString(anyIf(event_id, NOT {parses})) "
-            f"FROM {_quoted(table.source)} WHERE event_type = {{event_type:String}}",
-            parameters={"event_type": table.event_type},
+            f"FROM {table.rows_sql(_quoted(table.source))}"
         ).result_rows[0]
         typed_rows, typed_distinct = self._counts(_quoted(table.name), "1", {})
         return ParseCounts(
