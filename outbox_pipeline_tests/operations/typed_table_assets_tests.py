@@ -4,6 +4,7 @@ import decimal
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -17,7 +18,7 @@ from outbox_pipeline.producer.events import RawEvent
 from outbox_pipeline.producer.publishing import publish_many
 from outbox_pipeline_tests.cli_tests import outbox_pipeline
 from outbox_pipeline_tests.support.relay_runs import run_relay
-from outbox_pipeline_tests.support.typed_events import TYPED_TABLES, typed_store
+from outbox_pipeline_tests.support.typed_events import TYPED_TABLES, publish_demo, typed_counts, typed_store
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,3 +101,34 @@ def test_a_registered_class_that_cannot_map_fails_the_code_location_in_one_line(
 def test_none_registers_no_class():
     assert load_settings({"OUTBOX_EVENT_CLASSES": "none"}).event_classes == ()
     assert load_settings({}).event_classes == ("outbox_pipeline.producer.demo_events",)
+
+
+def test_a_class_changed_in_a_way_that_cannot_map_stops_the_run_in_one_line_and_loses_nothing(relay_env, monkeypatch, outbox):
+    monkeypatch.setenv("OUTBOX_LEASE_SECONDS", "1")
+    publish_demo(relay_env["OUTBOX_DATABASE_URL"], 100)
+    assert run_relay().success
+    later = publish_demo(relay_env["OUTBOX_DATABASE_URL"], 50, seed=8)
+    monkeypatch.setenv("OUTBOX_EVENT_CLASSES", "outbox_pipeline_tests.support.changed_events")
+
+    failed = run_relay()
+
+    assert not failed.success
+    [failure] = [event for event in failed.all_events if event.event_type_value == "STEP_FAILURE"]
+    error, messages = failure.step_failure_data.error, []
+    while error is not None:
+        messages.append(error.message)
+        error = error.cause
+    message = messages[-1].strip()  # the error the step raised, under Dagster's wrapper
+    assert "\n" not in message.removeprefix("outbox_pipeline.config.errors.ConfigurationError: ")
+    assert (
+        "typed table order_paid no longer matches OrderPaid (event type order_paid): amount is Decimal(38, 9) in ClickHouse "
+        "but the class now maps it to Int64. Publish the changed class under a new event_type" in message
+    )
+    assert outbox.counts().processed == 100
+
+    monkeypatch.setenv("OUTBOX_EVENT_CLASSES", "outbox_pipeline.producer.demo_events")
+    time.sleep(1.5)  # the failed run's lease (OUTBOX_LEASE_SECONDS=1) expires
+    assert run_relay().success
+    assert outbox.counts().processed == 150
+    counts = typed_counts(relay_env["CLICKHOUSE_URL"])
+    assert counts["order_paid"][0] == counts["order_paid"][1] >= later.per_type["order_paid"]
