@@ -42,8 +42,9 @@ _NO_DEDUPLICATION = {"insert_deduplicate": 0}
 # typed table drops it in turn under a token derived from the block's (deduplicate_blocks_in_dependent_
 # materialized_views, which every insert of the relay sets): only a table that keeps tokens can.
 DEDUPLICATION_WINDOW = 10_000
-# event_ids per refresh query, like event_log's presence queries: about 160 KiB of query text.
-LOOKUP_CHUNK = 4_000
+# event_ids per refresh: the list appears twice in its INSERT, about 160 KiB of query text in all
+# (within the server's max_query_size, 256 KiB by default).
+LOOKUP_CHUNK = 2_000
 
 
 def _quoted(name: str) -> str:
