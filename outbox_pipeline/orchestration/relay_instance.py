@@ -40,6 +40,11 @@ def secret_value(value: str | None) -> str | None:
     return value
 
 
+def typed_asset_key(relay_asset_key: dg.AssetKey, table: TypedTable) -> dg.AssetKey:
+    """The asset of a typed table, beside its relay's (``order_paid``; ``orders/orders_event_log_order_paid``)."""
+    return dg.AssetKey([*relay_asset_key.path[:-1], table.name.replace(".", "__")])
+
+
 @dataclasses.dataclass(frozen=True)
 class RelayInstance:
     name: str
@@ -102,8 +107,7 @@ class RelayInstance:
         return tables
 
     def typed_asset_key(self, table: TypedTable) -> dg.AssetKey:
-        name = table.name.replace(".", "__")
-        return dg.AssetKey(name) if self.is_default else dg.AssetKey([self.name, name])
+        return typed_asset_key(self.asset_key, table)
 
     @property
     def uses_chdb(self) -> bool:

@@ -14,6 +14,8 @@ import pytest
 from outbox_pipeline.config.errors import ConfigurationError
 from outbox_pipeline.config.settings import load_settings
 from outbox_pipeline.definitions import build_defs, build_resources, defs
+from outbox_pipeline.orchestration.component import OutboxRelay
+from outbox_pipeline.orchestration.relay_defs import build_relay_defs
 from outbox_pipeline.producer.events import RawEvent
 from outbox_pipeline.producer.publishing import publish_many
 from outbox_pipeline_tests.cli_tests import outbox_pipeline
@@ -29,7 +31,11 @@ def test_after_init_demo_and_one_relay_run_order_paid_sums_the_outbox_amounts(re
         assert result.returncode == 0, result.stderr
     assert "typed tables order_paid, order_shipped, payment_refunded, user_created ready" in outbox_pipeline("init", env=relay_env).stdout
 
-    assert run_relay().success
+    with dg.instance_for_test() as instance:
+        assert run_relay(instance).success
+        # The typed tables were filled inside the run's inserts: the run records them as materialized too.
+        for table in TYPED_TABLES:
+            assert instance.get_latest_materialization_event(dg.AssetKey(table)) is not None, table
 
     with psycopg.connect(relay_env["OUTBOX_DATABASE_URL"]) as conn:
         expected, paid = conn.execute(
@@ -132,3 +138,15 @@ def test_a_class_changed_in_a_way_that_cannot_map_stops_the_run_in_one_line_and_
     assert outbox.counts().processed == 150
     counts = typed_counts(relay_env["CLICKHOUSE_URL"])
     assert counts["order_paid"][0] == counts["order_paid"][1] >= later.per_type["order_paid"]
+
+
+def test_a_relay_component_registers_classes_of_its_own_event_types(relay_env):
+    yaml = "name: orders\ntable: orders_event_log\nevent_types: ['order_*']\nevent_classes: [{}]"
+    orders = OutboxRelay.resolve_from_yaml(yaml.format("'outbox_pipeline.producer.demo_events:OrderPaid'")).relay_instance()
+    [table] = orders.typed_tables
+    assert (table.name, table.view_name) == ("orders_event_log_order_paid", "orders_event_log_order_paid_mv")
+    assert orders.typed_asset_key(table) == dg.AssetKey(["orders", "orders_event_log_order_paid"])
+
+    everything = OutboxRelay.resolve_from_yaml(yaml.format("'outbox_pipeline.producer.demo_events'")).relay_instance()
+    with pytest.raises(ConfigurationError, match="relay orders: event_classes: PaymentRefunded has event type payment_refunded, which relay orders does not take"):
+        build_relay_defs(everything)  # what loading the component builds
