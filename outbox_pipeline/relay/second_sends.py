@@ -11,10 +11,10 @@ not once a replicated table passed ``replicated_deduplication_window`` blocks or
 So a block sent again first asks ClickHouse which of its event_ids it holds (its time range
 bounds the read; the table's bloom filter on event_id skips the rest) and sends only the
 others. When it holds none, the block goes under its own token; otherwise under a token
-derived from what is sent. Then the block's events are made to appear once in the typed
-tables too (``EventLogStore.refresh_typed_events``). Either way two senders that saw the same rows send under one
-token, and ClickHouse, while it remembers the token, keeps one copy. A first send costs
-what it always did: nothing is looked up.
+derived from what is sent. Either way two senders that saw the same rows send under one
+token, and ClickHouse, while it remembers the token, keeps one copy. Then the block's events
+are made to appear once in the typed tables too (``EventLogStore.refresh_typed_events``). A
+first send costs what it always did: nothing is looked up.
 
 What is left: two senders of the same block at the same moment, where neither sees the
 other's rows yet (a zombie whose insert is still in flight when the batch is taken over),
