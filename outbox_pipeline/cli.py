@@ -17,6 +17,7 @@ import psycopg
 
 from outbox_pipeline.config.errors import ConfigurationError, OutboxPipelineError, one_line
 from outbox_pipeline.config.settings import RelaySettings
+from outbox_pipeline.producer.event_registry import load_event_classes
 from outbox_pipeline.stores.clickhouse_connection import translate_clickhouse_error
 from outbox_pipeline.stores.embedded_postgres import (
     embedded_postgres_url,
@@ -62,7 +63,11 @@ class _Stores:
     def event_log(self) -> EventLogStore:
         if self._event_log is None:
             try:
-                self._event_log = EventLogStore.connect(self.settings.clickhouse_url, busy_wait_seconds=self.settings.clickhouse_busy_wait_seconds)
+                self._event_log = EventLogStore.connect(
+                    self.settings.clickhouse_url,
+                    busy_wait_seconds=self.settings.clickhouse_busy_wait_seconds,
+                    event_classes=load_event_classes(self.settings.event_classes),
+                )
             except OutboxPipelineError:
                 raise
             except Exception as exc:
@@ -83,7 +88,11 @@ def cmd_init(stores: _Stores, args: argparse.Namespace) -> int:
         create_roles(stores.outbox().conn, args.producer_role, args.relay_role)
         print(f"roles {args.producer_role} (publish only) and {args.relay_role} (the relay's jobs) ready")
     _clickhouse(stores, lambda: stores.event_log().migrate())
-    print(f"outbox tables ready in PostgreSQL; event_log ready in ClickHouse ({_clickhouse_where(stores.settings)})")
+    typed = ", ".join(table.name for table in stores.event_log().typed.tables)
+    print(
+        f"outbox tables ready in PostgreSQL; event_log{' and typed tables ' + typed if typed else ''} ready in ClickHouse "
+        f"({_clickhouse_where(stores.settings)})"
+    )
     return 0
 
 

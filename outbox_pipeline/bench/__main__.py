@@ -6,11 +6,13 @@
     python -m outbox_pipeline.bench --steady --relays 12 --rate 10 [--clickhouse-http] [--warmup 60 --measure 600 --idle 60]
     python -m outbox_pipeline.bench --exactly-once --events 1000000 --events 10000000
     python -m outbox_pipeline.bench --volume --rate 10000 --measure 60 --retire 100000 --retire 10000000
+    python -m outbox_pipeline.bench --typed-tables --events 10000000 [--csv-events 1000000]
 
 The first form is the backlog (backlog.py), the second Sentry's overhead (sentry_overhead.py),
 the third the steady state of the real `dagster dev` stack (steady.py), the fourth a fleet of relays beside
-one relay at the same total rate (fleet.py), the last what the outbox costs PostgreSQL at volume, partitioned beside
-unpartitioned (volume.py).
+one relay at the same total rate (fleet.py), --volume what the outbox costs PostgreSQL at volume, partitioned
+beside unpartitioned (volume.py), --typed-tables an aggregate over typed columns beside JSONExtract, and what
+typed tables add to inserts (typed_tables.py).
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--retire", type=int, action="append", help="with --volume: events in the retired day; repeat for several")
     parser.add_argument("--producers", type=int, default=2, help="with --volume: producer processes")
+    parser.add_argument(
+        "--typed-tables", action="store_true",
+        help="instead: an aggregate over a typed table beside JSONExtract, and the insert cost of typed tables (bench/typed_tables.py)",
+    )
+    parser.add_argument("--csv-events", type=int, default=1_000_000, help="with --typed-tables: demo events inserted as CSV")
     parser.add_argument("--repeat", type=int, default=3, help="with --sentry: relay runs per mode (the median is printed)")
     steady = parser.add_argument_group("steady state (the real dagster dev stack under a continuous stream)")
     steady.add_argument("--steady", action="store_true", help="measure the steady state instead of a backlog")
@@ -81,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_exactly_once_bench(args.events or [1_000_000], args.clickhouse_url)
     if args.volume:
         return _volume(args)
+    if args.typed_tables:
+        from outbox_pipeline.bench.typed_tables import run_typed_tables_bench
+
+        [events] = args.events or [10_000_000]
+        return run_typed_tables_bench(events, args.batch_size or 100_000, args.csv_events)
     if args.steady and args.relays:
         from outbox_pipeline.bench.fleet import run_fleet_bench
 

@@ -140,6 +140,11 @@ class RelaySettings(ProducerSettings):
         ge=0,
     )
 
+    event_classes_setting: str = _env(
+        "OUTBOX_EVENT_CLASSES", "outbox_pipeline.producer.demo_events",
+        "Comma-separated modules (or module:Class) whose OutboxEvent classes get typed tables; none: no typed tables.",
+    )
+
     # -- batches and runs -------------------------------------------------------------------
     batch_size: int = _env(
         "OUTBOX_BATCH_SIZE",
@@ -311,6 +316,13 @@ class RelaySettings(ProducerSettings):
     @property
     def clickhouse_url(self) -> str:
         return self.clickhouse_url_setting or f"chdb://{self.state_dir / 'clickhouse'}"
+
+    @property
+    def event_classes(self) -> tuple[str, ...]:
+        """The registered event class paths of OUTBOX_EVENT_CLASSES (empty for ``none``)."""
+        if self.event_classes_setting.strip().lower() == "none":
+            return ()
+        return tuple(path.strip() for path in self.event_classes_setting.split(",") if path.strip())
 
     @property
     def uses_embedded_postgres(self) -> bool:

@@ -7,6 +7,7 @@
       clickhouse_url: "{{ env.CLICKHOUSE_URL }}"
       table: orders_event_log
       event_types: ["order_*"]
+      event_classes: ["myapp.events"]   # optional: a typed table per event class
 
 Each instance gets its own relay, requeue, replay, cleanup and check jobs, sensors,
 schedules and asset, named with its ``name`` (``process_outbox_events_orders``),
@@ -91,6 +92,10 @@ class OutboxRelay(dg.Component, dg.Model, dg.Resolvable):
     event_types: list[str] | None = Field(
         default=None, description="Glob patterns of the event types this relay takes (order_*); unset: all."
     )
+    event_classes: list[str] | None = Field(
+        default=None,
+        description="Modules (or module:Class) whose OutboxEvent classes get a typed table each (<table>_<event_type>); unset: none.",
+    )
 
     def relay_instance(self) -> RelayInstance:
         settings = code_location_settings()
@@ -111,6 +116,7 @@ class OutboxRelay(dg.Component, dg.Model, dg.Resolvable):
             settings=settings,
             table=self.table,
             event_types=tuple(self.event_types or ()),
+            event_classes=tuple(self.event_classes or ()),
         )
 
     def build_defs(self, context: dg.ComponentLoadContext) -> dg.Definitions:

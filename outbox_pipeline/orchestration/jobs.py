@@ -143,8 +143,11 @@ def build_jobs(instance: RelayInstance, resources: dict) -> RelayJobs:
         ),
         check=dg.define_asset_job(
             name=instance.named("check_event_log"),
-            selection=dg.AssetSelection.checks_for_assets(instance.asset_key),
-            description="Run the asset's checks: freshness (lag of the oldest pending event) and duplicates" + which + ".",
+            selection=dg.AssetSelection.checks_for_assets(instance.asset_key, *map(instance.typed_asset_key, instance.typed_tables)),
+            description=(
+                "Run the asset's checks: freshness (lag of the oldest pending event) and duplicates, and those of its typed tables"
+                + which + "."
+            ),
             executor_def=dg.in_process_executor,
             hooks={sentry_on_failure},
             tags=clickhouse_run_tags(instance.uses_chdb),

@@ -12,6 +12,7 @@ from outbox_pipeline.orchestration.ops.fleet_ops import FLEET_JOB, member_resour
 from outbox_pipeline.orchestration.relay_instance import RelayInstance
 from outbox_pipeline.orchestration.resources import ClickHouseResource, OutboxDatabaseResource, RunHistoryResource
 from outbox_pipeline.orchestration.schedules import build_schedules
+from outbox_pipeline.orchestration.typed_assets import build_typed_table_checks, typed_table_specs
 
 
 def build_resources(instance: RelayInstance) -> dict:
@@ -40,7 +41,8 @@ def build_resources(instance: RelayInstance) -> dict:
             freshness_max_lag_seconds=settings.freshness_max_lag_seconds,
         ),
         "clickhouse": ClickHouseResource(
-            url=instance.clickhouse_url, table=instance.table, asset_key=list(instance.asset_key.path)
+            url=instance.clickhouse_url, table=instance.table, asset_key=list(instance.asset_key.path),
+            event_classes=list(instance.event_classes),
         ),
         "monitor": RelayRunMonitor.from_settings(settings, instance.name, instance.named(RELAY_JOB)),
         "run_history": RunHistoryResource(
@@ -73,8 +75,8 @@ def build_relay_defs(instance: RelayInstance) -> dg.Definitions:
         instance.settings, instance.name, FLEET_JOB, fleet_member=True
     )
     return dg.Definitions(
-        assets=[event_log_spec(instance)],
-        asset_checks=build_event_log_checks(instance),
+        assets=[event_log_spec(instance), *typed_table_specs(instance)],
+        asset_checks=[*build_event_log_checks(instance), *build_typed_table_checks(instance, clickhouse_key)],
         jobs=jobs.all(),
         schedules=build_schedules(instance, jobs),
         resources=location_resources,

@@ -14,6 +14,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
+from outbox_pipeline.producer.event_registry import load_event_classes
 from outbox_pipeline.relay.delivery import RelayPolicy
 from outbox_pipeline.relay.prefetch import BatchPrefetcher
 from outbox_pipeline.relay.retrying import BackoffPolicy
@@ -120,6 +121,7 @@ class ClickHouseResource(dg.ConfigurableResource):
     url: str
     table: str = Field(default="event_log", description="The destination table.")
     asset_key: list[str] = Field(default=["event_log"], description="The Dagster asset that stands for the table.")
+    event_classes: list[str] = Field(default=[], description="Registered event classes (module or module:Class): their typed tables.")
     # A run that finds the embedded directory held (say by `outbox-pipeline status`) waits this long.
     busy_wait_seconds: float = 30.0
 
@@ -143,10 +145,16 @@ class ClickHouseResource(dg.ConfigurableResource):
             return self._store
 
     def _connect(self, busy_wait_seconds: float) -> EventLogStore:
-        store = EventLogStore.connect(self.url, table=self.table, busy_wait_seconds=busy_wait_seconds)
+        classes = load_event_classes(self.event_classes)
+        store = EventLogStore.connect(self.url, table=self.table, busy_wait_seconds=busy_wait_seconds, event_classes=classes)
         # A relay added as a component brings its own table: created here if missing (IF NOT EXISTS, so a
-        # table created by hand, such as a replicated one on a cluster, is left as it is).
-        store.migrate()
+        # table created by hand, such as a replicated one on a cluster, is left as it is). The typed tables
+        # follow the classes: created, or evolved, or the run stops with what to do (typed_tables.py).
+        try:
+            store.migrate()
+        except Exception:
+            store.close()
+            raise
         return store
 
     @property

@@ -12,8 +12,9 @@ So a block sent again first asks ClickHouse which of its event_ids it holds (its
 bounds the read; the table's bloom filter on event_id skips the rest) and sends only the
 others. When it holds none, the block goes under its own token; otherwise under a token
 derived from what is sent. Either way two senders that saw the same rows send under one
-token, and ClickHouse, while it remembers the token, keeps one copy. A first send costs
-what it always did: nothing is looked up.
+token, and ClickHouse, while it remembers the token, keeps one copy. Then the block's events
+are made to appear once in the typed tables too (``EventLogStore.refresh_typed_events``). A
+first send costs what it always did: nothing is looked up.
 
 What is left: two senders of the same block at the same moment, where neither sees the
 other's rows yet (a zombie whose insert is still in flight when the batch is taken over),
@@ -55,17 +56,19 @@ def send_missing(
         chunk = keys[first : first + LOOKUP_CHUNK]
         present |= event_log.present_event_ids_between([k[1] for k in chunk], min(k[2] for k in chunk), max(k[2] for k in chunk))
     held = sorted(outbox_id for outbox_id, event_id, _ in keys if event_id in present)
-    if len(held) == len(keys):
-        return 0
     sent = sorted(outbox_id for outbox_id, event_id, _ in keys if event_id not in present)
-    token = handle.deduplication_token(start, stop)
-    if held:
-        token += "-again-" + hashlib.sha256(",".join(map(str, sent)).encode()).hexdigest()[:24]
-    pieces = watch(outbox.stream_block_csv(handle, start, stop, without=held))
-    try:
-        event_log.insert_csv(pieces, deduplication_token=token)
-    finally:
-        close = getattr(pieces, "close", None)
-        if close is not None:
-            close()
+    if sent:
+        token = handle.deduplication_token(start, stop)
+        if held:
+            token += "-again-" + hashlib.sha256(",".join(map(str, sent)).encode()).hexdigest()[:24]
+        pieces = watch(outbox.stream_block_csv(handle, start, stop, without=held))
+        try:
+            event_log.insert_csv(pieces, deduplication_token=token)
+        finally:
+            close = getattr(pieces, "close", None)
+            if close is not None:
+                close()
+    # An earlier send may have stored rows in event_log and not in the typed tables (or the reverse):
+    # the views never see a block again, so the block's events are compared with event_log by event_id.
+    event_log.refresh_typed_events([k[1] for k in keys], min(k[2] for k in keys), max(k[2] for k in keys))
     return len(sent)

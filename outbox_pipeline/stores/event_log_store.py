@@ -19,11 +19,13 @@ from __future__ import annotations
 import datetime as dt
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from outbox_pipeline.config.errors import ConfigurationError
 from outbox_pipeline.stores.clickhouse_connection import close_clickhouse_client, open_clickhouse_client
 from outbox_pipeline.stores.event_columns import DEFAULT_TABLE, EVENT_COLUMNS
+from outbox_pipeline.stores.typed_columns import typed_tables
+from outbox_pipeline.stores.typed_tables import Refreshed, TypedTablesStore
 
 DEDUPLICATION_WINDOW = 10_000
 # event_ids per presence query: about 160 KiB of query text.
@@ -76,21 +78,29 @@ _CSV_INSERT_SETTINGS = {
     "format_csv_allow_single_quotes": 0,
     "input_format_csv_empty_as_default": 0,
     "insert_deduplicate": 1,
+    # The typed tables' views drop a repeated block too (typed_tables.py); set here, not left to a profile.
+    "deduplicate_blocks_in_dependent_materialized_views": 1,
     "async_insert": 0,
 }
 
 
 class EventLogStore:
-    def __init__(self, client, url: str | None = None, *, table: str = DEFAULT_TABLE):
+    """``event_classes``: the registered event classes, whose typed tables (typed_tables.py) follow this table."""
+
+    def __init__(self, client, url: str | None = None, *, table: str = DEFAULT_TABLE, event_classes: Sequence[type] = ()):
         self.client = client
         self.url = url
         self.table = table
         self._table_sql = quoted_table_name(table)
+        self.typed = TypedTablesStore(client, typed_tables(event_classes, table))
 
     @classmethod
-    def connect(cls, url: str, *, table: str = DEFAULT_TABLE, busy_wait_seconds: float = 0.0) -> EventLogStore:
-        quoted_table_name(table)  # a bad name fails before anything is opened
-        return cls(open_clickhouse_client(url, busy_wait_seconds=busy_wait_seconds), url, table=table)
+    def connect(
+        cls, url: str, *, table: str = DEFAULT_TABLE, busy_wait_seconds: float = 0.0, event_classes: Sequence[type] = ()
+    ) -> EventLogStore:
+        quoted_table_name(table)  # a bad name fails before anything is opened, and so does a class without a mapping
+        typed_tables(event_classes, table)
+        return cls(open_clickhouse_client(url, busy_wait_seconds=busy_wait_seconds), url, table=table, event_classes=event_classes)
 
     def close(self) -> None:
         if self.url is not None:
@@ -102,6 +112,7 @@ class EventLogStore:
         # Asked first: a user with INSERT and SELECT on an existing table only may not run CREATE, even IF NOT EXISTS.
         if not int(self.client.command(f"EXISTS TABLE {self._table_sql}")):
             self.client.command(create_table_sql(self.table))
+        self.typed.migrate()
 
     def insert_csv(self, csv_block: bytes | Iterable[bytes], *, deduplication_token: str) -> None:
         """Insert rows in EVENT_COLUMNS order; a retry with the same token and rows inserts nothing.
@@ -206,8 +217,16 @@ class EventLogStore:
         )
         return [dict(zip(EVENT_COLUMNS, row)) for row in result.result_rows]
 
+    def refresh_typed_events(self, event_ids: list[str], start: dt.datetime, end: dt.datetime) -> list[Refreshed]:
+        """After a second send: the typed tables hold each of these events once (see typed_tables.py)."""
+        return self.typed.refresh_events(event_ids, start, end) if self.typed.tables and event_ids else []
+
+    def refresh_typed_day(self, day: dt.date) -> list[Refreshed]:
+        return self.typed.refresh_day(day)
+
     def truncate(self) -> None:
         self.client.command(f"TRUNCATE TABLE IF EXISTS {self._table_sql}")
+        self.typed.truncate()
 
 
 def _utc_text(moment: dt.datetime) -> str:

@@ -196,7 +196,10 @@ def test_checks_and_run_history_are_one_run_per_tick_for_the_whole_fleet(relay_e
     assert checks.success
     evaluated = {(e.asset_key.to_user_string(), e.check_name) for e in checks.get_asset_check_evaluations()}
     assets = ["event_log", *(f"{name}/{table}" for name, (_, _, table) in list(RELAYS.items())[:3])]
-    assert evaluated == {(asset, check) for asset in assets for check in ("freshness", "no_duplicates", "complete")}
+    typed = ["order_paid", "order_shipped", "payment_refunded", "user_created"]  # the default relay's typed tables
+    assert evaluated == {(asset, check) for asset in assets for check in ("freshness", "no_duplicates", "complete")} | {
+        (table, check) for table in typed for check in ("parses", "matches_event_log")
+    }
 
     # The fleet's runs are pruned with the default relay's history, all but each job's latest success.
     later_fleet_run = run_fleet(defs, instance, follow_seconds=0)

@@ -131,6 +131,9 @@ class FirstLookRecorder:
     def insert_csv(self, csv_block, *, deduplication_token):
         self.store.insert_csv(csv_block, deduplication_token=deduplication_token)
 
+    def refresh_typed_day(self, day):
+        return self.store.refresh_typed_day(day)
+
 
 def test_two_replays_that_saw_the_same_missing_events_leave_one_copy(relay_env, outbox):
     day = utc_today()

@@ -73,6 +73,12 @@ def test_code_location_wires_jobs_schedules_sensor_asset_and_checks():
         (dg.AssetKey("event_log"), "freshness"),
         (dg.AssetKey("event_log"), "no_duplicates"),
         (dg.AssetKey("event_log"), "complete"),
+        # The typed tables of the demo's classes, registered by default (OUTBOX_EVENT_CLASSES).
+        *(
+            (dg.AssetKey(table), check)
+            for table in ("order_paid", "order_shipped", "payment_refunded", "user_created")
+            for check in ("parses", "matches_event_log")
+        ),
     }
     replay = defs.resolve_job_def("replay_outbox_events")
     assert isinstance(replay.partitions_def, dg.DailyPartitionsDefinition)

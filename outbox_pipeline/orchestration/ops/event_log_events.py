@@ -19,6 +19,7 @@ import datetime as dt
 import dagster as dg
 
 from outbox_pipeline.orchestration.assets import DUPLICATES_CHECK, FRESHNESS_CHECK, duplicates_outcome, freshness_outcome
+from outbox_pipeline.orchestration.relay_instance import typed_asset_key
 from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.reporting import OutboxCounts
 
@@ -68,6 +69,11 @@ def relay_asset_events(
         dg.AssetMaterialization(asset_key=asset_key, description=description, metadata=metadata),
         freshness_outcome(counts, max_lag_seconds).evaluation(asset_key, FRESHNESS_CHECK),
         duplicates_outcome(rows, distinct, scope).evaluation(asset_key, DUPLICATES_CHECK),
+        # The typed tables took their rows inside the same inserts (a materialized view each).
+        *(
+            dg.AssetMaterialization(asset_key=typed_asset_key(asset_key, table), description=f"{description}, through {table.view_name}")
+            for table in event_log.typed.tables
+        ),
     ]
 
 

@@ -16,6 +16,9 @@ No duplicates, however often a day is replayed or by how many runs at once:
 * after the insert the chunk is checked again. ClickHouse drops an insert whose
   token it has seen within its deduplication window even when the rows were
   deleted since; such a chunk is inserted again under a token of the next round.
+
+Then the day's typed tables are refreshed from ``event_log``: events they lack are
+added, copies the replayed rows brought in twice are merged (typed_tables.py).
 """
 
 import dataclasses
@@ -58,6 +61,8 @@ class ReplayReport:
     failed_kept: int = 0  # failed events: `requeue_failed_events` puts them back
     chunks_inserted: int = 0
     token_rounds: int = 0  # inserts repeated because ClickHouse dropped a remembered token
+    typed_inserted: int = 0  # events added to the day's typed tables
+    typed_duplicates_removed: int = 0  # extra copies merged away there
     seconds: float = 0.0
 
 
@@ -158,6 +163,11 @@ def replay_day(
         report.inserted += len(missing)
         report.chunks_inserted += 1
         log(f"inserted {len(missing)} missing events (outbox ids {missing[0][0]}..{missing[-1][0]})")
+    for refreshed in clickhouse("refreshing the typed tables", lambda: event_log.refresh_typed_day(day)):
+        report.typed_inserted += refreshed.inserted
+        report.typed_duplicates_removed += refreshed.duplicates_removed
+        if refreshed.inserted or refreshed.duplicates_removed:
+            log(f"{refreshed.table}: {refreshed.inserted} events added, {refreshed.duplicates_removed} extra copies merged")
     report.seconds = time.perf_counter() - started
     return report
 
@@ -205,6 +215,8 @@ def replay_outbox_day(
         "left_to_relay": dg.MetadataValue.int(report.left_to_relay),
         "failed_kept": dg.MetadataValue.int(report.failed_kept),
         "chunks_inserted": dg.MetadataValue.int(report.chunks_inserted),
+        "typed_inserted": dg.MetadataValue.int(report.typed_inserted),
+        "typed_duplicates_removed": dg.MetadataValue.int(report.typed_duplicates_removed),
         "duration_seconds": dg.MetadataValue.float(round(report.seconds, 3)),
     }
     context.log.info(
