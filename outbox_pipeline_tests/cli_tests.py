@@ -54,6 +54,7 @@ def test_init_twice_then_demo_relay_and_status_json(cli_env):
     relay = outbox_pipeline("relay", "--batch-size", "500", env=cli_env)
     assert relay.returncode == 0 and "loaded 1500 events in 3 batches" in relay.stdout
     after = json.loads(outbox_pipeline("status", "--json", env=cli_env).stdout)
+    outbox_bytes = after.pop("outbox_bytes")
     assert after == {
         "pending": 0,
         "processed": 1500,
@@ -63,7 +64,9 @@ def test_init_twice_then_demo_relay_and_status_json(cli_env):
         "clickhouse_distinct_event_ids": 1500,
         "in_flight": 0,
         "retrying": 0,
+        "outbox_partitions": 9,  # today, the 7 days ahead and the default partition
     }
+    assert outbox_bytes == before["outbox_bytes"] > 0  # delivering writes nothing to the outbox
 
 
 def test_demo_rate_paces_publishing(cli_env):

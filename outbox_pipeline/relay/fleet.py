@@ -134,6 +134,13 @@ class Fleet:
             return ENDED_QUIET
         return self.should_stop() if check_stop else None
 
+    def _wait_to_start_again(self, seconds: float) -> None:
+        """A member's backoff (real time, however long): its events still wait, so it keeps the fleet from ending quiet."""
+        end = time.monotonic() + seconds
+        while not self.stop.is_set() and (left := end - time.monotonic()) > 0:
+            self.touch()
+            self.stop.wait(min(left, TICK_SECONDS))
+
     def _run_member(self, member: FleetMember) -> None:
         failures = 0
         try:
@@ -148,6 +155,6 @@ class Fleet:
                     self.touch()  # its events wait: the fleet must not end quiet and restart every minute
                     retry_in = min(MAX_BACKOFF_SECONDS, self.retry_base_seconds * 2 ** (failures - 1))
                     self._messages.put(FleetMessage(member.name, error=exc, failures=failures, retry_in=retry_in))
-                    self.stop.wait(retry_in)
+                    self._wait_to_start_again(retry_in)
         finally:
             self._messages.put(None)
