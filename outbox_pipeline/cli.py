@@ -168,15 +168,18 @@ def cmd_status(stores: _Stores, args: argparse.Namespace) -> int:
 
 def cmd_end_runs(stores: _Stores, args: argparse.Namespace) -> int:
     """Ask the fleet's runs in progress in $DAGSTER_HOME to end as a success, and wait for them."""
-    import os
-
     import dagster as dg
 
     from outbox_pipeline.orchestration.stopping import ask_fleet_runs_to_end, wait_for_runs_to_end
 
-    if not os.environ.get("DAGSTER_HOME"):
-        raise ConfigurationError("DAGSTER_HOME is not set: set it to the deployment's Dagster home (scripts/dev uses .dagster_home)")
-    with dg.DagsterInstance.get() as instance:
+    try:
+        instance = dg.DagsterInstance.get()
+    except dg.DagsterError as exc:
+        first_line = str(exc).strip().splitlines()[0]
+        raise ConfigurationError(
+            f"cannot open the deployment's Dagster instance: {first_line} Set DAGSTER_HOME to its folder (scripts/dev: .dagster_home)"
+        ) from None
+    with instance:
         asked = ask_fleet_runs_to_end(instance, "the deployment is stopping")
         left = wait_for_runs_to_end(instance, asked, args.wait)
     print(f"asked {len(asked)} relay runs to end; {len(asked) - len(left)} ended" + (f", still running: {', '.join(left)}" if left else ""))

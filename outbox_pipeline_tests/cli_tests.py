@@ -273,4 +273,4 @@ def test_end_runs_asks_the_fleets_runs_in_progress_to_end_and_reports_those_stil
     assert [run_id for run_id, run_tags in tags.items() if FLEET_STOP_TAG in run_tags] == ["a" * 32]
 
     without_home = {key: value for key, value in cli_env.items() if key != "DAGSTER_HOME"}
-    assert_one_line_error(outbox_pipeline("end-runs", env=without_home), "DAGSTER_HOME is not set")
+    assert_one_line_error(outbox_pipeline("end-runs", env=without_home), "DAGSTER_HOME", "Set DAGSTER_HOME to its folder")
