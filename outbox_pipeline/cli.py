@@ -175,7 +175,7 @@ def cmd_end_runs(stores: _Stores, args: argparse.Namespace) -> int:
     try:
         instance = dg.DagsterInstance.get()
     except dg.DagsterError as exc:
-        first_line = str(exc).strip().splitlines()[0]
+        first_line = str(exc).strip().splitlines()[0].strip()
         raise ConfigurationError(
             f"cannot open the deployment's Dagster instance: {first_line} Set DAGSTER_HOME to its folder (scripts/dev: .dagster_home)"
         ) from None
