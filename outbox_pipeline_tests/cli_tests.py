@@ -248,29 +248,34 @@ def test_start_and_stop_the_embedded_server(embedded_env):
     assert (already.returncode, already.stdout) == (0, f"the embedded PostgreSQL server in {data_dir} is not running\n")
 
 
-def test_end_runs_asks_the_fleets_runs_in_progress_to_end_and_reports_those_still_running(cli_env, tmp_path):
+def test_end_runs_asks_the_fleets_runs_in_progress_to_end_and_waits_for_those_still_starting(cli_env, tmp_path):
     import dagster as dg
 
     from outbox_pipeline.orchestration.fleet_defs import FLEET_TAG
-    from outbox_pipeline.orchestration.ops.fleet_ops import FLEET_STOP_TAG
+    from outbox_pipeline.orchestration.ops.fleet_ops import FLEET_RELAYS_TAG, FLEET_STOP_TAG
 
     home = tmp_path / "dagster_home"
     home.mkdir()
     with dg.DagsterInstance.from_config(str(home)) as instance:
+        # One still starting (its op has not tagged its relays yet), one following inside its op.
         started = dg.DagsterRun(job_name="follow_outbox_fleet", run_id="a" * 32, status=dg.DagsterRunStatus.STARTED, tags={FLEET_TAG: "true"})
+        following = dg.DagsterRun(
+            job_name="follow_outbox_fleet", run_id="d" * 32, status=dg.DagsterRunStatus.STARTED, tags={FLEET_TAG: "true", FLEET_RELAYS_TAG: "default"}
+        )
         not_started = dg.DagsterRun(job_name="follow_outbox_fleet", run_id="b" * 32, status=dg.DagsterRunStatus.NOT_STARTED, tags={FLEET_TAG: "true"})
         other = dg.DagsterRun(job_name="cleanup_outbox", run_id="c" * 32, status=dg.DagsterRunStatus.STARTED)
-        for run in (started, not_started, other):
+        for run in (started, following, not_started, other):
             instance.add_run(run)
 
     result = outbox_pipeline("end-runs", "--wait", "0.5", env={**cli_env, "DAGSTER_HOME": str(home)})
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"asked 1 relay runs to end; 0 ended, still running: {'a' * 32}"
+    # Waited for (and reported) only the one still starting: the following one ends as a success when interrupted.
+    assert result.stdout.strip() == f"asked 2 relay runs to end; still starting: {'a' * 32}"
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        tags = {run_id: instance.get_run_by_id(run_id).tags for run_id in ("a" * 32, "b" * 32, "c" * 32)}
-    # Only the fleet's run in progress: one not started yet would end at once when it starts, later.
-    assert [run_id for run_id, run_tags in tags.items() if FLEET_STOP_TAG in run_tags] == ["a" * 32]
+        tags = {run_id: instance.get_run_by_id(run_id).tags for run_id in ("a" * 32, "d" * 32, "b" * 32, "c" * 32)}
+    # Only the fleet's runs in progress: one not started yet would end at once when it starts, later.
+    assert [run_id for run_id, run_tags in tags.items() if FLEET_STOP_TAG in run_tags] == ["a" * 32, "d" * 32]
 
     without_home = {key: value for key, value in cli_env.items() if key != "DAGSTER_HOME"}
     assert_one_line_error(outbox_pipeline("end-runs", env=without_home), "DAGSTER_HOME", "Set DAGSTER_HOME to its folder")
