@@ -167,10 +167,10 @@ def cmd_status(stores: _Stores, args: argparse.Namespace) -> int:
 
 
 def cmd_end_runs(stores: _Stores, args: argparse.Namespace) -> int:
-    """Ask the fleet's runs in progress in $DAGSTER_HOME to end as a success; wait for those still starting."""
+    """Ask the fleet's runs in progress in $DAGSTER_HOME to end as a success, and wait for them."""
     import dagster as dg
 
-    from outbox_pipeline.orchestration.stopping import ask_fleet_runs_to_end, wait_for_runs_to_start_or_end
+    from outbox_pipeline.orchestration.stopping import ask_fleet_runs_to_end, wait_for_runs_to_end
 
     try:
         instance = dg.DagsterInstance.get()
@@ -181,8 +181,8 @@ def cmd_end_runs(stores: _Stores, args: argparse.Namespace) -> int:
         ) from None
     with instance:
         asked = ask_fleet_runs_to_end(instance, "the deployment is stopping")
-        starting = wait_for_runs_to_start_or_end(instance, asked, args.wait)
-    print(f"asked {len(asked)} relay runs to end" + (f"; still starting: {', '.join(starting)}" if starting else ""))
+        left = wait_for_runs_to_end(instance, asked, args.wait)
+    print(f"asked {len(asked)} relay runs to end; {len(asked) - len(left)} ended" + (f", still running: {', '.join(left)}" if left else ""))
     return 0
 
 
@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         "end-runs", help="ask the fleet's relay runs in progress ($DAGSTER_HOME) to end as a success, before stopping Dagster"
     )
     end_runs.add_argument(
-        "--wait", type=_positive_float, default=10.0, help="seconds to wait for runs still starting to end or start following (default 10)"
+        "--wait", type=_positive_float, default=10.0, help="seconds to wait for them to end (default 10)"
     )
     end_runs.set_defaults(handler=cmd_end_runs, start_embedded_postgres=False)
 

@@ -2,10 +2,10 @@
 
 A run interrupted by the deployment's stop (Ctrl-C, SIGTERM) ends as a success when the stop
 reaches it inside its op. One that is still starting (launching, importing, setting up its
-resources) cannot catch it: Dagster records a failure. So every fleet run in progress is asked
-to end, through the stop tag the op reads at its start and every second after; and the stop
-waits only for the runs not yet inside their op (the op tags its run with its relays first
-thing): those end at their first look, from wherever they are, with nothing claimed.
+resources) cannot catch it, nor can one whose interrupt lands while Dagster handles an event
+the op has just yielded: Dagster records a failure. So every fleet run in progress is asked to
+end, through the stop tag the op reads at its start and every second after, and the stop waits
+for them: each ends within a second or two, from wherever it is, its claims given back.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 import dagster as dg
 
 from outbox_pipeline.orchestration.fleet_defs import FLEET_TAG
-from outbox_pipeline.orchestration.ops.fleet_ops import FLEET_RELAYS_TAG, FLEET_STOP_TAG
+from outbox_pipeline.orchestration.ops.fleet_ops import FLEET_STOP_TAG
 
 IN_PROGRESS = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 
@@ -29,18 +29,11 @@ def ask_fleet_runs_to_end(instance: dg.DagsterInstance, reason: str) -> list[str
     return [run.run_id for run in runs]
 
 
-def _still_starting(run: dg.DagsterRun | None) -> bool:
-    return run is not None and run.status in IN_PROGRESS and FLEET_RELAYS_TAG not in run.tags
-
-
-def wait_for_runs_to_start_or_end(instance: dg.DagsterInstance, run_ids: list[str], timeout: float) -> list[str]:
-    """Wait up to ``timeout`` seconds until none of these runs is still starting; returns those still starting then.
-
-    A run inside its op may be interrupted safely (it ends as a success either way), so it is not waited for.
-    """
+def wait_for_runs_to_end(instance: dg.DagsterInstance, run_ids: list[str], timeout: float) -> list[str]:
+    """Wait up to ``timeout`` seconds; returns the ids of the runs still in progress then."""
     deadline = time.monotonic() + timeout
     while True:
-        starting = [run_id for run_id in run_ids if _still_starting(instance.get_run_by_id(run_id))]
-        if not starting or time.monotonic() >= deadline:
-            return starting
-        time.sleep(0.25)
+        left = [run_id for run_id in run_ids if (run := instance.get_run_by_id(run_id)) is not None and run.status in IN_PROGRESS]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.2)
