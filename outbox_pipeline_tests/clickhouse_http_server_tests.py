@@ -37,6 +37,8 @@ ORDER BY event_id
 SETTINGS non_replicated_deduplication_window = 100
 """
 COLUMNS = ["event_id", "event_type", "occurred_at", "payload", "attempt"]
+# On one worker under pytest-xdist: the module-scoped server process is then started once, not once per worker.
+pytestmark = pytest.mark.xdist_group("clickhouse_http_server")
 
 
 def _rows(count: int, start: int = 0) -> list[list[object]]:

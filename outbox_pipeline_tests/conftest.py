@@ -22,7 +22,7 @@ from outbox_pipeline.stores.event_log_store import EventLogStore
 from outbox_pipeline.stores.outbox_store import OutboxStore
 from outbox_pipeline.stores.postgres_connection import embedded_postgres_url
 
-pytest_plugins = ["outbox_pipeline_tests.support.sentry_fixtures", "outbox_pipeline_tests.monitoring.envelopes", "outbox_pipeline_tests.support.django_app"]
+pytest_plugins = ["outbox_pipeline_tests.support.sentry_fixtures", "outbox_pipeline_tests.monitoring.envelopes", "outbox_pipeline_tests.support.django_app", "outbox_pipeline_tests.support.alone"]
 
 
 def with_database(url: str, database: str) -> str:

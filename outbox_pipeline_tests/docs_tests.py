@@ -17,6 +17,8 @@ from markdown.extensions.toc import slugify
 from outbox_pipeline.config import settings
 
 ROOT = Path(__file__).resolve().parents[1]
+# On one worker under pytest-xdist: the module-scoped site is then built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("docs_site")
 README_MAX_LINES = 250
 # [text](target): relative links of the Markdown, not inside code.
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")

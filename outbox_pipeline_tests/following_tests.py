@@ -15,6 +15,7 @@ from pathlib import Path
 import dagster as dg
 
 from outbox_pipeline.relay.delivery import Relay, RelayPolicy
+from outbox_pipeline.stores.outbox_store import OutboxStore
 from outbox_pipeline_tests.conftest import event_log_store
 from outbox_pipeline_tests.support.relay_runs import publish_raw, run_relay
 
@@ -23,7 +24,11 @@ FAST = {"interval_seconds": 0.1, "window_seconds": 1.0, "quiet_seconds": 1.5}
 
 
 class Producer(threading.Thread):
-    """Commits ``per_round`` events every ``pause`` seconds for ``seconds`` seconds."""
+    """Commits ``per_round`` events every ``pause`` seconds until ``seconds`` after the run loaded its first events.
+
+    Counted from the run's first load, not from the producer's start: a run slow to start (a busy machine
+    takes seconds to start one) still has a stream of ``seconds`` to follow, not the tail of one.
+    """
 
     def __init__(self, url: str, *, seconds: float, per_round: int = 20, pause: float = 0.1):
         super().__init__(daemon=True)
@@ -33,11 +38,18 @@ class Producer(threading.Thread):
 
     def run(self) -> None:
         try:
-            stop = time.monotonic() + self.seconds
-            while time.monotonic() < stop:
-                publish_raw(self.url, self.per_round, start=self.published)
-                self.published += self.per_round
-                time.sleep(self.pause)
+            outbox = OutboxStore.connect(self.url)
+            try:
+                stop = time.monotonic() + 120  # a run that never loads fails its test; the stream ends anyway
+                loaded = False
+                while time.monotonic() < stop:
+                    publish_raw(self.url, self.per_round, start=self.published)
+                    self.published += self.per_round
+                    if not loaded and outbox.counts().processed > 0:
+                        loaded, stop = True, time.monotonic() + self.seconds
+                    time.sleep(self.pause)
+            finally:
+                outbox.close()
         except BaseException as exc:  # surfaced by the test
             self.failure = exc
 
@@ -55,7 +67,7 @@ def materializations(instance: dg.DagsterInstance, run_id: str) -> list:
 def test_a_run_follows_a_stream_exactly_once_and_ends_when_it_goes_quiet(relay_env, outbox):
     url = relay_env["OUTBOX_DATABASE_URL"]
     publish_raw(url, 50, start=100_000)  # the backlog the run starts with
-    # Long enough that the stream outlasts the run's start and backlog (a second or two on a busy machine).
+    # The stream goes on for 5 s after the run's first load: it outlasts the run's start and backlog.
     producer = Producer(url, seconds=5.0)
     producer.start()
     started = time.monotonic()
@@ -123,7 +135,11 @@ def test_a_command_reads_the_embedded_clickhouse_while_a_run_follows_the_stream(
         daemon=True,
     )
     run.start()
-    time.sleep(2)  # the run now follows, holding the chDB directory
+    # The run has loaded and marked its backlog: it now follows, holding the chDB directory.
+    deadline = time.monotonic() + 60
+    while outbox.counts().processed < 30:
+        assert time.monotonic() < deadline and run.is_alive(), "the run never loaded its backlog"
+        time.sleep(0.05)
     # `outbox-pipeline status` in another process waits for the directory; the run lets go between two loads.
     status = subprocess.run(
         [str(Path(sys.executable).parent / "outbox-pipeline"), "status", "--json"],

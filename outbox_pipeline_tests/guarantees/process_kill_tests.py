@@ -3,7 +3,7 @@
 The run is a real process (outbox_pipeline_tests/support/relay_worker.py) that
 kills itself with SIGKILL right after the claim committed, after ClickHouse
 acknowledged the insert, or after the mark committed. The next run takes the
-dead run's batches over when their lease (OUTBOX_LEASE_SECONDS=1) expires.
+dead run's batches over when their lease (OUTBOX_LEASE_SECONDS=3) expires.
 """
 
 import datetime as dt
@@ -18,7 +18,9 @@ from outbox_pipeline_tests.support.relay_worker import run_worker
 
 EVENTS = 3_000
 BATCH = 1_000
-LEASE_SECONDS = "1"
+# Longer than the dying run takes from its claims to its loads on a busy machine: with 1 s, a job run on two cores
+# shared with other test processes saw its own lease expire and claimed its batch again before it died.
+LEASE_SECONDS = "3"
 
 
 @pytest.fixture

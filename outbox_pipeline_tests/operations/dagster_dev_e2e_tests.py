@@ -25,6 +25,10 @@ import pytest
 import requests
 from dagster_graphql import DagsterGraphQLClient
 
+# One `dagster dev` stack at a time (with dev_script_tests.py, the same group): each is a webserver, a daemon, a code
+# server and run workers, and several beside each other on two cores would stretch the waits this module bounds.
+pytestmark = pytest.mark.xdist_group("dagster_dev_stack")
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOCATION = "outbox_pipeline"
 REPOSITORY = "__repository__"
