@@ -66,7 +66,7 @@ def test_init_twice_then_demo_relay_and_status_json(cli_env):
         "retrying": 0,
         "outbox_partitions": 9,  # today, the 7 days ahead and the default partition
     }
-    assert outbox_bytes == before["outbox_bytes"] > 0  # delivering writes nothing to the outbox
+    assert outbox_bytes >= before["outbox_bytes"] > 0  # delivering adds no rows (vacuum may add its map forks)
 
 
 def test_demo_rate_paces_publishing(cli_env):
