@@ -117,7 +117,39 @@ def clickhouse_client(url: str, *, busy_wait_seconds: float = 0.0):
         close_clickhouse_client(client, url)
 
 
+# The user's settings profile on a server may cut reads short (`limit`, `max_result_rows` with
+# `result_overflow_mode = 'break'`, ...): a lookup of what ClickHouse holds that silently returns part
+# of it would send rows a second time. Every query of the relay's connections reads whole results, or
+# fails if an administrator's limit is in the way.
+WHOLE_RESULTS = {
+    "limit": 0,
+    "offset": 0,
+    "max_result_rows": 0,
+    "result_overflow_mode": "throw",
+    "read_overflow_mode": "throw",
+    "timeout_overflow_mode": "throw",
+}
+
+
+def known_settings(client, settings: dict) -> dict:
+    """``settings`` without those the server does not know (older versions), so pinning one never breaks a query.
+
+    Asked as one aggregated row: a profile's row limit also cuts the driver's own list of the server's settings.
+    """
+    [(known,)] = client.query(
+        "SELECT groupArray(name) FROM system.settings WHERE has({names:Array(String)}, name)", parameters={"names": list(settings)}
+    ).result_rows
+    return {name: value for name, value in settings.items() if name in set(known)}
+
+
 def open_clickhouse_client(url: str, *, busy_wait_seconds: float = 0.0):
+    client = _open_client(url, busy_wait_seconds)
+    for name, value in known_settings(client, WHOLE_RESULTS).items():
+        client.set_client_setting(name, value)
+    return client
+
+
+def _open_client(url: str, busy_wait_seconds: float):
     import clickhouse_connect
 
     validate_clickhouse_url(url)

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 
 from outbox_pipeline.config.errors import ConfigurationError
-from outbox_pipeline.stores.clickhouse_connection import close_clickhouse_client, open_clickhouse_client
+from outbox_pipeline.stores.clickhouse_connection import close_clickhouse_client, known_settings, open_clickhouse_client
 from outbox_pipeline.stores.event_columns import DEFAULT_TABLE, EVENT_COLUMNS
 from outbox_pipeline.stores.typed_columns import typed_tables
 from outbox_pipeline.stores.typed_tables import Refreshed, TypedTablesStore
@@ -73,10 +73,20 @@ SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}
 
 
 # The outbox hands over CSV from PostgreSQL's COPY: timestamps as "2026-11-29 10:00:00.123456+00".
+# Everything that decides what an insert keeps is set here, not left to the user's settings profile:
+# a profile that skips a line or tolerates broken rows would lose events the relay then marks delivered.
 _CSV_INSERT_SETTINGS = {
     "date_time_input_format": "best_effort",
+    "format_csv_delimiter": ",",
+    "format_csv_allow_double_quotes": 1,
     "format_csv_allow_single_quotes": 0,
     "input_format_csv_empty_as_default": 0,
+    "input_format_csv_skip_first_lines": 0,
+    "input_format_csv_detect_header": 0,
+    "input_format_csv_allow_variable_number_of_columns": 0,
+    "input_format_csv_use_default_on_bad_values": 0,
+    "input_format_allow_errors_num": 0,
+    "input_format_allow_errors_ratio": 0,
     "insert_deduplicate": 1,
     # The typed tables' views drop a repeated block too (typed_tables.py); set here, not left to a profile.
     "deduplicate_blocks_in_dependent_materialized_views": 1,
@@ -92,6 +102,7 @@ class EventLogStore:
         self.url = url
         self.table = table
         self._table_sql = quoted_table_name(table)
+        self._insert_settings = known_settings(client, _CSV_INSERT_SETTINGS)
         self.typed = TypedTablesStore(client, typed_tables(event_classes, table))
 
     @classmethod
@@ -131,7 +142,7 @@ class EventLogStore:
             list(EVENT_COLUMNS),
             csv_block,
             fmt="CSV",
-            settings={**_CSV_INSERT_SETTINGS, "insert_deduplication_token": deduplication_token},
+            settings={**self._insert_settings, "insert_deduplication_token": deduplication_token},
         )
 
     def counts(self) -> tuple[int, int]:

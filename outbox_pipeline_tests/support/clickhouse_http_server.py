@@ -17,7 +17,8 @@ manager yielding an ``http://default:@127.0.0.1:PORT/default`` URL) or
 ``ClickHouseHttpServerProcess``.
 
 Fault injection for tests is driven by CLI flags and, at run time, by
-``GET/POST/DELETE /__faults`` (JSON); see ``FAULT_FIELDS``.
+``GET/POST/DELETE /__faults`` (JSON); see ``FAULT_FIELDS``. ``--profile-setting
+NAME=VALUE`` gives the user a settings profile, as a server's users.xml would.
 """
 
 from __future__ import annotations
@@ -419,11 +420,13 @@ class ChdbEngine:
     call at a time anyway.
     """
 
-    def __init__(self, path: str, serialize: bool = False):
+    def __init__(self, path: str, serialize: bool = False, profile: Mapping[str, str] | None = None):
         import chdb
 
         self._chdb = chdb
         self.path = os.path.realpath(path)
+        # The user's settings profile, as a server's users.xml gives it: every handle starts with it
+        self.profile = dict(profile or {})
         os.makedirs(self.path, exist_ok=True)
         # Keeps the engine open for the server's lifetime
         self._anchor = chdb.connect(self.path)
@@ -447,7 +450,10 @@ class ChdbEngine:
         with self._handle_lock:
             if self._closed:
                 raise ClickHouseError.make(210, "NETWORK_ERROR", "Server is shutting down")
-            return self._chdb.connect(self.path)
+            conn = self._chdb.connect(self.path)
+        if self.profile:
+            self._query(conn, "SET " + ", ".join(f"{k} = {_quote(v)}" for k, v in self.profile.items()))
+        return conn
 
     def _close_handle(self, conn: Any) -> None:
         with self._handle_lock:
@@ -499,8 +505,10 @@ class ChdbEngine:
             return None
 
         def restore() -> None:
-            if snapshot is None:
-                statement = "SET " + ", ".join(f"{name} = DEFAULT" for name in settings)
+            if snapshot is None:  # back to the profile's value, or the engine's default
+                statement = "SET " + ", ".join(
+                    f"{name} = {_quote(self.profile[name])}" if name in self.profile else f"{name} = DEFAULT" for name in settings
+                )
             else:
                 parts = []
                 for name, (value, changed) in snapshot.items():
@@ -1067,6 +1075,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--reset-after-execute", action="store_true")
     parser.add_argument("--fault-match", default=None)
     parser.add_argument("--serialize-engine", action="store_true", help="run one engine call at a time")
+    parser.add_argument(
+        "--profile-setting", action="append", default=[], metavar="NAME=VALUE",
+        help="a setting of the user's profile: every query starts with it unless the request overrides it (repeatable)",
+    )
     parser.add_argument("--keep-alive-timeout", type=float, default=30.0)
     parser.add_argument("--stop-on-stdin-eof", action="store_true", help="exit when stdin closes (parent died)")
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
@@ -1089,7 +1101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         match=args.fault_match,
     )
     lock_fd = _lock_directory(args.path)
-    engine = ChdbEngine(args.path, serialize=args.serialize_engine)
+    profile = dict(setting.split("=", 1) for setting in args.profile_setting)
+    engine = ChdbEngine(args.path, serialize=args.serialize_engine, profile=profile)
     try:
         server = _Server(
             (args.host, args.port),
@@ -1180,6 +1193,7 @@ class ClickHouseHttpServerProcess:
         password: str | None = None,
         faults: Mapping[str, Any] | None = None,
         serialize_engine: bool = False,
+        profile: Mapping[str, Any] | None = None,
         verbose: bool = False,
         startup_timeout: float = 60.0,
         python: str = sys.executable,
@@ -1191,6 +1205,7 @@ class ClickHouseHttpServerProcess:
         self.password = password
         self.faults = dict(faults or {})
         self.serialize_engine = serialize_engine
+        self.profile = {name: str(value) for name, value in (profile or {}).items()}
         self.verbose = verbose
         self.startup_timeout = startup_timeout
         self.python = python
@@ -1208,6 +1223,8 @@ class ClickHouseHttpServerProcess:
             cmd += ["--password", self.password]
         if self.serialize_engine:
             cmd.append("--serialize-engine")
+        for name, value in self.profile.items():
+            cmd += ["--profile-setting", f"{name}={value}"]
         if self.verbose:
             cmd.append("--verbose")
         flags = {
