@@ -68,15 +68,20 @@ def _short_reason(lowered: str, text: str) -> str:
     return text[:200]
 
 
+# COPY's text is what ClickHouse reads, so the settings that shape it are the relay's, not the database's
+# or the role's defaults: 'SQL, MDY' writes 1 February as 02/01/2026, which ClickHouse reads as 2 January.
+_SESSION_OPTIONS = "-c TimeZone=UTC -c DateStyle=ISO -c client_encoding=UTF8"
+
+
 def connect_postgres(url: str, *, autocommit: bool = True, application_name: str = "outbox_pipeline") -> psycopg.Connection:
-    """Open a psycopg 3 connection in UTC, translating failures into one-line errors."""
+    """Open a psycopg 3 connection (UTC, ISO dates, UTF-8), translating failures into one-line errors."""
     try:
         return psycopg.connect(
             url,
             autocommit=autocommit,
             connect_timeout=_CONNECT_TIMEOUT_SECONDS,
             application_name=application_name,
-            options="-c TimeZone=UTC",
+            options=_SESSION_OPTIONS,
         )
     except psycopg.Error as exc:
         raise translate_postgres_error(exc, url) from None
