@@ -19,7 +19,7 @@ DAY = dt.date(2026, 2, 1)  # day and month both at most 12: read the other way r
 
 
 @pytest.mark.parametrize(
-    "setting", ["DateStyle = 'SQL, MDY'", "DateStyle = 'German'", "DateStyle = 'Postgres, DMY'", "client_encoding = 'LATIN1'"]
+    "setting", ["DateStyle = 'SQL, MDY'", "DateStyle = 'German'", "DateStyle = 'Postgres, DMY'", "client_encoding = 'LATIN1'", "default_transaction_isolation = 'serializable'"]
 )
 def test_dates_and_payloads_arrive_unchanged(relay_env, setting):
     url = relay_env["OUTBOX_DATABASE_URL"]
