@@ -90,6 +90,8 @@ _CSV_INSERT_SETTINGS = {
     "insert_deduplicate": 1,
     # The typed tables' views drop a repeated block too (typed_tables.py); set here, not left to a profile.
     "deduplicate_blocks_in_dependent_materialized_views": 1,
+    # A typed table's view that fails fails the insert, which is sent again: never a row missing there alone.
+    "materialized_views_ignore_errors": 0,
     "async_insert": 0,
 }
 

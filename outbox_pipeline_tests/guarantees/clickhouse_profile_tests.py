@@ -14,7 +14,8 @@ from outbox_pipeline.stores.outbox_store import OutboxStore
 from outbox_pipeline_tests.conftest import event_log_store, prepare_relay
 from outbox_pipeline_tests.support.clickhouse_http_server import get_faults, running_clickhouse_http_server, set_faults
 from outbox_pipeline_tests.support.relay_runs import run_relay
-from outbox_pipeline_tests.support.typed_events import expected_counts, publish_demo, typed_counts
+from outbox_pipeline.producer.demo_events import sample_events
+from outbox_pipeline_tests.support.typed_events import csv_of, expected_counts, publish_demo, typed_counts, typed_store
 
 EVENTS = 2_000
 BATCH = 500
@@ -36,6 +37,7 @@ PROFILES = {
         "async_insert": 1,
         "wait_for_async_insert": 0,  # acknowledged before it is written
         "deduplicate_blocks_in_dependent_materialized_views": 0,
+        "materialized_views_ignore_errors": 1,
     },
     "row_limits": {
         "limit": 1,  # every read cut at one row, the second send's lookup of what ClickHouse holds included
@@ -91,3 +93,16 @@ def test_every_event_once_in_event_log_and_its_typed_table_through_second_sends(
         assert outbox.counts().processed == EVENTS
     finally:
         outbox.close()
+
+
+@pytest.mark.parametrize("hostile", ["inserts"], indirect=True)
+def test_a_typed_table_refusing_a_block_fails_the_insert_despite_materialized_views_ignore_errors(hostile):
+    store = typed_store(hostile["CLICKHOUSE_URL"])
+    try:
+        store.migrate()
+        store.client.command("ALTER TABLE order_paid ADD CONSTRAINT refuse CHECK order_id < 0")
+        # The relay must hear of it and send the block again, or order_paid would miss rows that event_log holds.
+        with pytest.raises(Exception, match="refuse"):
+            store.insert_csv(csv_of(sample_events(100, seed=3)), deduplication_token="refused-block")
+    finally:
+        store.close()
