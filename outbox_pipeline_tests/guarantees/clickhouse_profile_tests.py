@@ -10,11 +10,11 @@ really drop the connections after the inserts ran, so the relay sends blocks a s
 import clickhouse_connect
 import pytest
 
+from outbox_pipeline.producer.demo_events import sample_events
 from outbox_pipeline.stores.outbox_store import OutboxStore
 from outbox_pipeline_tests.conftest import event_log_store, prepare_relay
 from outbox_pipeline_tests.support.clickhouse_http_server import get_faults, running_clickhouse_http_server, set_faults
 from outbox_pipeline_tests.support.relay_runs import run_relay
-from outbox_pipeline.producer.demo_events import sample_events
 from outbox_pipeline_tests.support.typed_events import csv_of, expected_counts, publish_demo, typed_counts, typed_store
 
 EVENTS = 2_000
