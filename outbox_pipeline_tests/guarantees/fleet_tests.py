@@ -17,6 +17,7 @@ import yaml
 from outbox_pipeline.config.settings import code_location_settings, load_settings
 from outbox_pipeline.definitions import build_defs
 from outbox_pipeline.orchestration.component import OutboxRelay
+from outbox_pipeline.orchestration.ops.fleet_ops import FLEET_RELAYS_TAG
 from outbox_pipeline_tests.conftest import event_log_store, new_database
 from outbox_pipeline_tests.monitoring.envelopes import errors, transactions
 from outbox_pipeline_tests.support.relay_runs import publish_raw
@@ -214,15 +215,23 @@ def test_checks_and_run_history_are_one_run_per_tick_for_the_whole_fleet(relay_e
 
 
 def test_a_relay_added_while_the_fleet_follows_is_followed_within_seconds(relay_env, second_outbox):
-    instance = dg.DagsterInstance.ephemeral()
+    # On disk, not in memory: the run's thread writes while this one reads, and an in-memory SQLite
+    # answers a reader with "database table is locked" instead of waiting.
+    with dg.instance_for_test() as instance:
+        follow_a_relay_added_while_the_fleet_follows(instance, relay_env, second_outbox)
+
+
+def follow_a_relay_added_while_the_fleet_follows(instance: dg.DagsterInstance, relay_env: dict, second_outbox: str) -> None:
     before = fleet_location([component("orders", "a", "order_paid", "orders_event_log")])
     outcome = {}
     running = threading.Thread(target=lambda: outcome.update(result=run_fleet(before, instance, quiet_seconds=60.0)))
     running.start()
     try:
         deadline = time.monotonic() + 60
-        while not instance.get_runs(dg.RunsFilter(job_name="follow_outbox_fleet", statuses=[dg.DagsterRunStatus.STARTED])):
-            assert time.monotonic() < deadline, "the fleet's run never started"
+        # Following: its op has tagged the run with the relays it follows, which is what the sensor compares.
+        started = dg.RunsFilter(job_name="follow_outbox_fleet", statuses=[dg.DagsterRunStatus.STARTED])
+        while not any(FLEET_RELAYS_TAG in run.tags for run in instance.get_runs(started)):
+            assert time.monotonic() < deadline, "the fleet's run never started following"
             time.sleep(0.1)
         # The code location reloads with one more relay; its sensor finds the running fleet following the old set.
         after = fleet_location([component("orders", "a", "order_paid", "orders_event_log"), component("billing", "b", "invoice_sent", "billing_event_log")])
