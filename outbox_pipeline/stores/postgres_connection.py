@@ -68,8 +68,9 @@ def _short_reason(lowered: str, text: str) -> str:
     return text[:200]
 
 
-# COPY's text is what ClickHouse reads, so the settings that shape it are the relay's, not the database's
-# or the role's defaults: 'SQL, MDY' writes 1 February as 02/01/2026, which ClickHouse reads as 2 January.
+# The settings that shape the text of timestamps and payloads are the relay's, not the database's or the
+# role's defaults: psycopg reads timestamps only in ISO style, and COPY's text is what ClickHouse reads
+# (client_encoding LATIN1 would hand it Latin-1 bytes as the payload).
 _SESSION_OPTIONS = "-c TimeZone=UTC -c DateStyle=ISO -c client_encoding=UTF8"
 
 
